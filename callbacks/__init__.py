@@ -1,0 +1,1 @@
+"""Framework integrations for inrun (installed as ``inrun.callbacks``)."""

@@ -1,0 +1,36 @@
+"""inrun: value training data while the model trains.
+
+The engine (this package) is framework-free: per-layer per-sample gradient algebra (:mod:`inrun.factors`,
+:mod:`inrun.algebra`, :mod:`inrun.layers`), capture through hooks (:mod:`inrun.capture`), and the public products
+:func:`grad_dots` and :func:`grad_norms`. Framework integrations live in :mod:`inrun.callbacks`.
+"""
+
+__version__ = "0.1.0"
+
+from inrun.capture import Coverage, GradientCapture
+from inrun.errors import (
+    BatchMismatchError,
+    InRunError,
+    LossShapeError,
+    NonFiniteGradientError,
+    UnsupportedLayerError,
+)
+from inrun.layers import register_layer, supported_layer_names
+from inrun.persample import CapturedBatch, capture_batch, grad_dots, grad_norms
+
+__all__ = [
+    "__version__",
+    "BatchMismatchError",
+    "CapturedBatch",
+    "Coverage",
+    "GradientCapture",
+    "InRunError",
+    "LossShapeError",
+    "NonFiniteGradientError",
+    "UnsupportedLayerError",
+    "capture_batch",
+    "grad_dots",
+    "grad_norms",
+    "register_layer",
+    "supported_layer_names",
+]

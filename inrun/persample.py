@@ -1,0 +1,172 @@
+"""Per-sample gradient products of a captured batch, and the framework-free entry points.
+
+:class:`CapturedBatch` holds, for each attributed parameter, one factor per use in the forward pass. Everything it
+computes is exact: products between the per-sample gradients of two batches, squared norms, products with fixed
+parameter-shaped tensors (a validation gradient), and the full-batch gradient as a check.
+
+:func:`grad_dots` and :func:`grad_norms` are the public, self-contained versions (../shared/CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from inrun.algebra import DEFAULT_MEMORY_BUDGET, parameter_dots, parameter_fixed_dots, parameter_squared_norms
+from inrun.capture import GradientCapture
+from inrun.errors import InRunError, LossShapeError
+from inrun.factors import Factor, dense_reference
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class CapturedBatch:
+    """Per-sample gradient factors of one batch of ``n`` samples, keyed by parameter name."""
+
+    def __init__(self, factors: dict[str, list[Factor]], n: int, shapes: Mapping[str, torch.Size]):
+        self.factors = factors
+        self.n = n
+        self.shapes = dict(shapes)
+        #: parameter name -> route taken by the last product computed for it ("gram", "materialise" or "flat")
+        self.routes: dict[str, str] = {}
+        self.memory_budget = DEFAULT_MEMORY_BUDGET
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return list(self.factors)
+
+    def _zeros(self, *shape: int) -> Tensor:
+        for uses in self.factors.values():
+            return dense_reference(uses[0]).new_zeros(shape)
+        return torch.zeros(shape)
+
+    def _note_routes(self, name: str, routes) -> None:
+        kinds = sorted({route.route for route in routes})
+        self.routes[name] = kinds[0] if len(kinds) == 1 else "+".join(kinds)
+
+    def dots(self, other: "CapturedBatch") -> Tensor:
+        """``<g_i, g'_j>`` between this batch's and ``other``'s per-sample gradients: ``[n, other.n]``."""
+        total = self._zeros(self.n, other.n)
+        for name, uses in self.factors.items():
+            if name not in other.factors:
+                continue
+            part, routes = parameter_dots(uses, other.factors[name], memory_budget=self.memory_budget)
+            self._note_routes(name, routes)
+            total = total + part
+        return total
+
+    def dots_by_parameter(self, other: "CapturedBatch") -> dict[str, Tensor]:
+        """Like :meth:`dots`, one ``[n, other.n]`` matrix per parameter."""
+        found = {}
+        for name, uses in self.factors.items():
+            if name in other.factors:
+                found[name], routes = parameter_dots(uses, other.factors[name], memory_budget=self.memory_budget)
+                self._note_routes(name, routes)
+        return found
+
+    def squared_norms(self) -> Tensor:
+        """``|g_i|^2`` per sample (ghost norms): ``[n]``."""
+        total = self._zeros(self.n)
+        for name, uses in self.factors.items():
+            part, routes = parameter_squared_norms(uses, memory_budget=self.memory_budget)
+            self._note_routes(name, routes)
+            total = total + part
+        return total
+
+    def dot_with(self, vectors: Mapping[str, Tensor], *, stacked: bool = False) -> Tensor:
+        """``<g_i, v>`` with ``v`` given per parameter (parameter-shaped): ``[n]``.
+
+        With ``stacked=True`` every ``vectors[name]`` is ``[m, *param.shape]`` and the result is ``[n, m]``.
+        Parameters missing from ``vectors`` contribute nothing.
+        """
+        total = None
+        for name, uses in self.factors.items():
+            vector = vectors.get(name)
+            if vector is None:
+                continue
+            matrices = vector if stacked else vector.unsqueeze(0)
+            expected = tuple(self.shapes[name])
+            if tuple(matrices.shape[1:]) != expected:
+                raise InRunError(f"vector for '{name}' has shape {tuple(matrices.shape[1:])}, expected {expected}")
+            part = parameter_fixed_dots(uses, matrices.to(dense_reference(uses[0]).dtype))
+            total = part if total is None else total + part
+        if total is None:
+            m = next(iter(vectors.values())).shape[0] if stacked and vectors else 1
+            total = self._zeros(self.n, m)
+        return total if stacked else total[:, 0]
+
+    def gradient_sums(self) -> dict[str, Tensor]:
+        """``sum_i g_i`` per parameter, parameter-shaped: equals ``param.grad`` of the summed loss."""
+        return {
+            name: sum(factor.sum_over_samples().reshape(self.shapes[name]) for factor in uses)  # type: ignore[misc]
+            for name, uses in self.factors.items()
+        }
+
+    def per_sample_gradients(self) -> dict[str, Tensor]:
+        """Materialised per-sample gradients ``[n, *param.shape]`` (for checks and small models only)."""
+        return {
+            name: sum(f.materialise().reshape(self.n, *self.shapes[name]) for f in uses)  # type: ignore[misc]
+            for name, uses in self.factors.items()
+        }
+
+
+def per_sample_losses(model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
+    """Call ``loss_fn(model, batch)`` and check that it returned one differentiable loss per sample."""
+    losses = loss_fn(model, batch)
+    if not isinstance(losses, Tensor):
+        raise LossShapeError(f"loss_fn must return a Tensor of per-sample losses, got {type(losses).__name__}")
+    if losses.dim() != 1:
+        hint = " (use reduction='none' and average over positions per sample)" if losses.dim() == 0 else ""
+        raise LossShapeError(f"loss_fn must return one loss per sample, shape [n]; got shape {tuple(losses.shape)}{hint}")
+    if not losses.requires_grad:
+        raise LossShapeError("the losses do not require grad: are all parameters frozen, or is this inside no_grad?")
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()[:10]
+        raise InRunError(f"loss_fn returned non-finite losses for samples {bad}")
+    return losses
+
+
+def infer_batch_size(batch: Any) -> int | None:
+    """The leading dimension of the first tensor in a (nested) batch, or None if there is none."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() > 0 else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else []
+    for value in values:
+        found = infer_batch_size(value)
+        if found is not None:
+            return found
+    return None
+
+
+def capture_batch(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any) -> CapturedBatch:
+    """Forward and backward one batch under ``capture`` without touching ``param.grad``; return its factors."""
+    capture.discard()
+    capture.batch_size = infer_batch_size(batch)
+    losses = per_sample_losses(model, loss_fn, batch)
+    params = list(capture.parameters.values())
+    if params:
+        torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    return capture.collect(num_samples=losses.shape[0])
+
+
+def grad_dots(
+    model: nn.Module, loss_fn: LossFn, train_batch: Any, val_batch: Any, *, allow_unsupported: bool = False
+) -> Tensor:
+    """``[n_train, n_val]`` matrix of per-sample gradient dot products over all trainable parameters.
+
+    Entry ``(i, j)`` is ``<grad loss_fn(train)[i], grad loss_fn(val)[j]>``. Exact; per-sample gradients are never
+    materialised where the Gram route is cheaper. ``param.grad`` and the parameters are left as they were.
+    """
+    with GradientCapture(model, allow_unsupported=allow_unsupported) as capture:
+        val = capture_batch(capture, model, loss_fn, val_batch)
+        train = capture_batch(capture, model, loss_fn, train_batch)
+        return train.dots(val).detach()
+
+
+def grad_norms(model: nn.Module, loss_fn: LossFn, batch: Any, *, allow_unsupported: bool = False) -> Tensor:
+    """``[n]`` squared norm of each sample's gradient over all trainable parameters (ghost norms)."""
+    with GradientCapture(model, allow_unsupported=allow_unsupported) as capture:
+        return capture_batch(capture, model, loss_fn, batch).squared_norms().detach()
