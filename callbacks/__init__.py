@@ -1,1 +1,5 @@
-"""Framework integrations for inrun (installed as ``inrun.callbacks``)."""
+"""Framework integrations for inrun (installed as ``inrun.callbacks``; source in the top-level ``callbacks/``)."""
+
+from inrun.callbacks.lightning import InRunCallback
+
+__all__ = ["InRunCallback"]

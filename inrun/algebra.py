@@ -57,9 +57,18 @@ def _materialise_cost(factor: Factor) -> float:
 
 
 def choose_route(
-    left: Factor, right: Factor, *, diagonal: bool, memory_budget: int = DEFAULT_MEMORY_BUDGET, itemsize: int = 4
+    left: Factor,
+    right: Factor,
+    *,
+    diagonal: bool,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    itemsize: int = 4,
+    force: str | None = None,
 ) -> RouteChoice:
-    """Pick ``gram`` or ``materialise`` for the products of two factors of one parameter."""
+    """Pick ``gram`` or ``materialise`` for the products of two factors of one parameter.
+
+    ``force`` ("gram" or "materialise") overrides the choice for outer-product factors (for tests and benchmarks).
+    """
     numel = left.numel
     pairs = left.n if diagonal else left.n * right.n
     materialise_flops = _materialise_cost(left) + _materialise_cost(right) + pairs * numel
@@ -69,6 +78,11 @@ def choose_route(
     entry = _gram_entry_cost(left.rows, right.rows) + _gram_entry_cost(left.cols, right.cols)
     gram_flops = float(pairs * left.length * right.length * entry)
     gram_memory = float(min(pairs * left.length * right.length * 2 * itemsize, GRAM_CHUNK_BYTES))
+    if force is not None:
+        if force not in ("gram", "materialise"):
+            raise ValueError(f"force must be 'gram' or 'materialise', got {force!r}")
+        flops, memory = (gram_flops, gram_memory) if force == "gram" else (materialise_flops, materialise_memory)
+        return RouteChoice(force, flops, memory)
     if materialise_memory > memory_budget or gram_flops <= materialise_flops:
         return RouteChoice("gram", gram_flops, gram_memory)
     return RouteChoice("materialise", materialise_flops, materialise_memory)
@@ -120,7 +134,7 @@ def factor_diagonal_dots(left: Factor, right: Factor, route: RouteChoice, itemsi
 
 
 def parameter_dots(
-    left: list[Factor], right: list[Factor], *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+    left: list[Factor], right: list[Factor], *, memory_budget: int = DEFAULT_MEMORY_BUDGET, force: str | None = None
 ) -> tuple[Tensor, list[RouteChoice]]:
     """Pairwise products of one parameter's per-sample gradients, summed over every pair of uses."""
     total = None
@@ -128,7 +142,7 @@ def parameter_dots(
     for a in left:
         itemsize = dense_reference(a).element_size()
         for b in right:
-            route = choose_route(a, b, diagonal=False, memory_budget=memory_budget, itemsize=itemsize)
+            route = choose_route(a, b, diagonal=False, memory_budget=memory_budget, itemsize=itemsize, force=force)
             routes.append(route)
             part = factor_dots(a, b, route, itemsize)
             total = part if total is None else total + part
@@ -137,7 +151,7 @@ def parameter_dots(
 
 
 def parameter_squared_norms(
-    uses: list[Factor], *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+    uses: list[Factor], *, memory_budget: int = DEFAULT_MEMORY_BUDGET, force: str | None = None
 ) -> tuple[Tensor, list[RouteChoice]]:
     """``|sum_u c_i^u|^2`` per sample, cross terms between uses included."""
     total = None
@@ -145,7 +159,7 @@ def parameter_squared_norms(
     for position, a in enumerate(uses):
         itemsize = dense_reference(a).element_size()
         for b in uses[position:]:
-            route = choose_route(a, b, diagonal=True, memory_budget=memory_budget, itemsize=itemsize)
+            route = choose_route(a, b, diagonal=True, memory_budget=memory_budget, itemsize=itemsize, force=force)
             routes.append(route)
             part = factor_diagonal_dots(a, b, route, itemsize)
             part = part if a is b else 2 * part

@@ -233,3 +233,13 @@ def dense_reference(factor: Factor) -> Tensor:
     side = factor.cols if isinstance(factor.cols, DenseSide) else factor.rows
     assert isinstance(side, DenseSide)
     return side.data
+
+
+def scale_factor(factor: Factor, coefficient: float) -> Factor:
+    """The factor of ``coefficient * c_i`` (scales one dense side)."""
+    if isinstance(factor, FlatFactor):
+        return FlatFactor(factor.data * coefficient)
+    if isinstance(factor.cols, DenseSide):
+        return OuterFactor(factor.rows, DenseSide(factor.cols.data * coefficient))
+    assert isinstance(factor.rows, DenseSide)
+    return OuterFactor(DenseSide(factor.rows.data * coefficient), factor.cols)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from inrun.algebra import DEFAULT_MEMORY_BUDGET, parameter_dots, parameter_fixed_dots, parameter_squared_norms
 from inrun.capture import GradientCapture
 from inrun.errors import InRunError, LossShapeError
-from inrun.factors import Factor, dense_reference
+from inrun.factors import Factor, dense_reference, scale_factor
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -32,6 +32,8 @@ class CapturedBatch:
         #: parameter name -> route taken by the last product computed for it ("gram", "materialise" or "flat")
         self.routes: dict[str, str] = {}
         self.memory_budget = DEFAULT_MEMORY_BUDGET
+        #: "gram" or "materialise" to force one route for every outer-product factor; None chooses by cost
+        self.force_route: str | None = None
 
     @property
     def parameter_names(self) -> list[str]:
@@ -52,7 +54,7 @@ class CapturedBatch:
         for name, uses in self.factors.items():
             if name not in other.factors:
                 continue
-            part, routes = parameter_dots(uses, other.factors[name], memory_budget=self.memory_budget)
+            part, routes = parameter_dots(uses, other.factors[name], memory_budget=self.memory_budget, force=self.force_route)
             self._note_routes(name, routes)
             total = total + part
         return total
@@ -62,7 +64,7 @@ class CapturedBatch:
         found = {}
         for name, uses in self.factors.items():
             if name in other.factors:
-                found[name], routes = parameter_dots(uses, other.factors[name], memory_budget=self.memory_budget)
+                found[name], routes = parameter_dots(uses, other.factors[name], memory_budget=self.memory_budget, force=self.force_route)
                 self._note_routes(name, routes)
         return found
 
@@ -70,7 +72,7 @@ class CapturedBatch:
         """``|g_i|^2`` per sample (ghost norms): ``[n]``."""
         total = self._zeros(self.n)
         for name, uses in self.factors.items():
-            part, routes = parameter_squared_norms(uses, memory_budget=self.memory_budget)
+            part, routes = parameter_squared_norms(uses, memory_budget=self.memory_budget, force=self.force_route)
             self._note_routes(name, routes)
             total = total + part
         return total
@@ -96,6 +98,14 @@ class CapturedBatch:
             m = next(iter(vectors.values())).shape[0] if stacked and vectors else 1
             total = self._zeros(self.n, m)
         return total if stacked else total[:, 0]
+
+    def scaled(self, coefficient: float) -> "CapturedBatch":
+        """The same batch with every per-sample contribution multiplied by ``coefficient`` (gradient clipping)."""
+        return CapturedBatch(
+            {name: [scale_factor(f, coefficient) for f in uses] for name, uses in self.factors.items()},
+            self.n,
+            self.shapes,
+        )
 
     def gradient_sums(self) -> dict[str, Tensor]:
         """``sum_i g_i`` per parameter, parameter-shaped: equals ``param.grad`` of the summed loss."""

@@ -27,6 +27,7 @@ LIBVER = ("earliest", "v110")
 CHUNK_ELEMENTS = 16384  # target elements per chunk (NOTES.md: 16-64k elements, written in blocks)
 CHUNK_CACHE_BYTES = 32 << 20
 STEPS, RECORDS = "steps", "records"
+_FILE_OPTIONS: dict = {}
 
 
 class Column(NamedTuple):
@@ -312,13 +313,13 @@ class RunWriter:
         except OSError as err:
             raise StoreIOError(f"cannot create the folder of run store {self.path}: {err}. Choose a writable path.") from err
         try:
-            file = h5py.File(self.path, "w", libver=LIBVER, rdcc_nbytes=CHUNK_CACHE_BYTES)
+            file = h5py.File(self.path, "w", libver=LIBVER, rdcc_nbytes=CHUNK_CACHE_BYTES, **_FILE_OPTIONS)
         except OSError as err:
             raise _wrap_open_error(self.path, err, "w") from err
         try:
             self._write_header(file, run_id, rank, world_size)
-            _create_table(file.create_group(STEPS), step_cols, compression)
-            _create_table(file.create_group(RECORDS), record_cols, compression)
+            _create_table(file.create_group(STEPS, track_order=True), step_cols, compression)
+            _create_table(file.create_group(RECORDS, track_order=True), record_cols, compression)
             file.flush()
         except OSError as err:
             file.close()
@@ -525,17 +526,18 @@ class RunWriter:
         self._last_step = int(numbers[keep - 1]) if keep else None
 
     def write_static(self, path: str, data: Any = None, attrs: Mapping[str, Any] | None = None) -> None:
-        """Store a static array (or, with ``data=None``, a group) at ``path``, e.g. ``projections/fc1`` or
-        ``sources/names`` (a list of strings). Replaces what was there. ``attrs``: JSON-able metadata."""
+        """Store a static array at ``path``, e.g. ``projections/fc1`` or ``sources/names`` (a list of strings),
+        replacing an earlier one. With ``data=None`` only the group at ``path`` is made (kept if it exists) and
+        ``attrs`` set. ``attrs``: scalars, strings, or lists/dicts (stored as JSON text)."""
         self._check_usable()
         path = path.strip("/")
         if not path or path.split("/")[0] in (STEPS, RECORDS):
             raise ValueError(f"static path {path!r} must name a group or dataset outside 'steps' and 'records'")
-        if path in self._file:
-            del self._file[path]
         if data is None:
             obj = self._file.require_group(path)
         else:
+            if path in self._file:
+                del self._file[path]
             obj = _create_static_dataset(self._file, path, data)
         for key, value in (attrs or {}).items():
             obj.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value

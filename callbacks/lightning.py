@@ -1,0 +1,174 @@
+"""``InRunCallback``: In-Run Data Shapley inside a Lightning ``Trainer`` (a thin adapter over ``InRunRecorder``).
+
+Hook order it relies on (NOTES.md): the loss is already divided by ``accumulate_grad_batches`` when backward runs, so
+the captured contributions carry every factor; ``on_before_optimizer_step`` fires once per optimizer step with
+unscaled gradients and the step's learning rate; callback state is restored before ``on_train_start`` under every
+strategy, so the store is opened there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from inrun.recorder import InRunRecorder
+from inrun.store import new_run_id
+from inrun.validation import LossFn
+
+
+def _module_loss(module: L.LightningModule, batch: Any) -> Tensor:
+    return module.per_sample_loss(batch)
+
+
+class InRunCallback(L.Callback):
+    """Record In-Run Data Shapley values of every training sample at every optimizer step into an HDF5 store.
+
+    Args:
+        path: the store (``.h5``); with several processes, one file per rank (``run.rank0.h5``, ...).
+        val_data: the validation batch, a list of batches or a loader; the utility is the mean loss over its points.
+        shapley: ``"first"``, ``"second"`` (adds the midpoint second-order value) or None (record nothing).
+        embeddings: reserved for projected-gradient recording (data value embeddings).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[n]``; default: the module's ``per_sample_loss(batch)``.
+        per_val_point: also record the ``[batch, n_val]`` matrix of values per validation point.
+        index_key / index_fn: where a batch keeps its samples' dataset indices.
+        source_key / source_names: optional per-sample source (domain) labels and their names.
+        overwrite: replace an existing store; otherwise an existing store is an error unless resuming.
+        flush_every: steps buffered between commits to disk.
+        wandb: a :class:`inrun.callbacks.WandbInfluenceLogger`, True (log to the trainer's W&B logger) or None.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        val_data: Any,
+        shapley: str | None = "first",
+        embeddings: bool | dict = False,
+        *,
+        loss_fn: LossFn | None = None,
+        per_val_point: bool = False,
+        index_key: str = "index",
+        index_fn: Callable[[Any], Tensor] | None = None,
+        source_key: str = "source",
+        source_names: list[str] | None = None,
+        record_norms: bool = True,
+        allow_unsupported: bool = False,
+        overwrite: bool = False,
+        flush_every: int = 100,
+        wandb: Any = None,
+    ):
+        super().__init__()
+        if embeddings:
+            raise NotImplementedError("embeddings=True (data value embeddings) is not available yet in this version")
+        self.path = Path(path)
+        self.val_data = val_data
+        self.shapley = shapley
+        self.loss_fn = loss_fn
+        self.options = dict(
+            per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
+            source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
+            overwrite=overwrite, flush_every=flush_every,
+        )
+        self.wandb = wandb
+        self.recorder: InRunRecorder | None = None
+        self._restored: dict | None = None
+        self._step_losses: list[float] = []
+        self._noted_step = 0
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss_fn = self.loss_fn
+        if loss_fn is None:
+            if not callable(getattr(pl_module, "per_sample_loss", None)):
+                raise AttributeError(
+                    f"{type(pl_module).__name__} has no per_sample_loss(batch) -> Tensor[n]; add that method or pass "
+                    "loss_fn=lambda module, batch: ... (one loss per sample) to InRunCallback"
+                )
+            loss_fn = _module_loss
+        run_id = trainer.strategy.broadcast(new_run_id() if self._restored is None else self._restored["run_id"])
+        world = trainer.world_size
+        self.recorder = InRunRecorder(
+            pl_module, self.path, val_data=self.val_data, loss_fn=loss_fn, shapley=self.shapley,
+            rank=trainer.global_rank, world_size=world, run_id=run_id,
+            gradient_divisor=float(world) if world > 1 else 1.0,
+            extra_config={"framework": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                          "world_size": world, "precision": str(trainer.precision)},
+            **self.options,
+        )
+        self.recorder.check_output_path(resuming=trainer.ckpt_path is not None or self._restored is not None)
+        self._configure_clipping(trainer)
+        if self.wandb is not None and trainer.global_rank == 0:
+            from inrun.callbacks.wandb_logging import attach_wandb
+
+            attach_wandb(self, trainer)
+
+    def _configure_clipping(self, trainer: L.Trainer) -> None:
+        clip = trainer.gradient_clip_val
+        if not clip:
+            return
+        if trainer.gradient_clip_algorithm in (None, "norm"):
+            self.recorder.clip_norm = float(clip)
+        else:
+            warnings.warn(
+                "gradient clipping by value is not affine in the samples' gradients; inrun values ignore it",
+                stacklevel=2,
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._restored is not None:
+            self.recorder.load_state_dict(self._restored)
+        self.recorder.start(device=pl_module.device)
+
+    # -- per micro-batch / step -----------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.recorder.begin_microbatch(batch)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.recorder.end_microbatch(grad_scale=_loss_scale(trainer))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.recorder.before_optimizer_step(optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self._step_losses.append(float(loss.detach()))
+        if self.recorder.next_step != self._noted_step and self._step_losses:  # an optimizer step just happened
+            self.recorder.note_train_loss(sum(self._step_losses) / len(self._step_losses))
+            self._step_losses, self._noted_step = [], self.recorder.next_step
+
+    # -- ending -----------------------------------------------------------------------------------------------------
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.recorder is not None:
+            self.recorder.close(final=True)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.recorder is not None and self.recorder.writer is not None:
+            self.recorder.close(final=False)  # commit what was recorded; the store stays readable
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.recorder is not None:
+            self.recorder.flush()  # the store always holds every step the checkpoint has seen
+
+    def state_dict(self) -> dict:
+        if self.recorder is None:
+            return dict(self._restored or {})
+        return self.recorder.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = dict(state_dict)
+        if self.recorder is not None and self.recorder.writer is None:
+            self.recorder.load_state_dict(self._restored)
+
+
+def _loss_scale(trainer: L.Trainer) -> float:
+    """The fp16 grad scaler's current scale (hooks see gradients multiplied by it), else 1."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+        return float(scaler.get_scale())
+    return 1.0

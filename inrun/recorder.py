@@ -1,0 +1,358 @@
+"""The in-run recorder: hooks a model, values every optimizer step, writes the store. Framework-free.
+
+A plain PyTorch loop drives it directly::
+
+    recorder = InRunRecorder(model, "runs/run.h5", val_data=val_batch, loss_fn=per_sample_loss)
+    recorder.start()
+    for batch in loader:
+        recorder.begin_microbatch(batch)          # reads the samples' dataset ids
+        loss = per_sample_loss(model, batch).mean()
+        loss.backward()
+        recorder.end_microbatch()                 # collects the per-sample factors of this backward
+        recorder.before_optimizer_step(optimizer) # values the step (parameters still at theta_t)
+        optimizer.step(); optimizer.zero_grad()
+        recorder.note_train_loss(loss.item())
+    recorder.close()                               # final validation loss, flush, close
+
+Integrations (:mod:`inrun.callbacks`) call the same methods from their framework's hooks.
+
+A step's row is written once the validation loss after the step is known (at the next step, or at ``close``), so that
+each row carries its efficiency residual: the values of a step should sum to ``L_V(theta_t + Delta_0) - L_V(theta_{t+1})``
+up to the Taylor error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from inrun import __version__
+from inrun.capture import GradientCapture
+from inrun.errors import BatchMismatchError, InRunError, NonFiniteGradientError
+from inrun.shapley import MicroBatch, StepValues, value_step
+from inrun.store import Column, DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, RunWriter, new_run_id, rank_path
+from inrun.update_rules import clip_coefficient, rule_name, update_terms, warn_if_unknown
+from inrun.validation import LossFn, ValidationSet
+
+STEP_COLUMNS = {
+    **DEFAULT_STEP_COLUMNS,
+    "val_loss_base": Column(np.float64),  # L_V(theta_t + Delta_0)
+    "val_loss_after": Column(np.float64),  # L_V(theta_{t+1})
+    "sum_value_1": Column(np.float64),
+    "sum_value_2": Column(np.float64),
+    "direction_norm_sq": Column(np.float64),  # |D * g_V|^2
+}
+
+SHAPLEY_ORDERS = {None: 0, "first": 1, "second": 2}
+
+
+def batch_field(batch: Any, key: str) -> Tensor | None:
+    """``batch[key]`` as a 1-D tensor when the batch is a dict holding it, else None."""
+    if isinstance(batch, dict) and key in batch:
+        value = batch[key]
+        return value.reshape(-1) if isinstance(value, Tensor) else torch.as_tensor(value).reshape(-1)
+    return None
+
+
+@dataclass
+class PendingStep:
+    """A valued step waiting for the validation loss after it."""
+
+    step: int
+    lr: float
+    values: StepValues
+    train_loss: float = math.nan
+
+    def as_state(self) -> dict:
+        """Plain tensors and numbers only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        values = {
+            key: (torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value)
+            for key, value in vars(self.values).items()
+            if key != "extras"
+        }
+        return {"step": self.step, "lr": self.lr, "train_loss": self.train_loss, "values": values}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PendingStep":
+        values = {key: (v.numpy() if isinstance(v, Tensor) else v) for key, v in state["values"].items()}
+        return cls(state["step"], state["lr"], StepValues(**values), state["train_loss"])
+
+
+class InRunRecorder:
+    """Records In-Run Data Shapley values of every optimizer step into a run store (one file per rank)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | Path,
+        *,
+        val_data: Any,
+        loss_fn: LossFn,
+        shapley: str | None = "first",
+        per_val_point: bool = False,
+        index_key: str = "index",
+        index_fn: Callable[[Any], Tensor] | None = None,
+        source_key: str = "source",
+        source_names: list[str] | None = None,
+        record_norms: bool = True,
+        allow_unsupported: bool = False,
+        overwrite: bool = False,
+        flush_every: int = 100,
+        rank: int = 0,
+        world_size: int = 1,
+        run_id: str | None = None,
+        gradient_divisor: float = 1.0,
+        extra_config: dict | None = None,
+    ):
+        if shapley not in SHAPLEY_ORDERS:
+            raise ValueError(f"shapley must be 'first', 'second' or None, got {shapley!r}")
+        self.model = model
+        self.path = rank_path(path, rank, world_size)
+        self.order = SHAPLEY_ORDERS[shapley]
+        self.per_val_point = per_val_point
+        self.index_key, self.index_fn, self.source_key = index_key, index_fn, source_key
+        self.source_names = source_names
+        self.record_norms = record_norms
+        self.overwrite, self.flush_every = overwrite, flush_every
+        self.rank, self.world_size = rank, world_size
+        self.run_id = run_id or new_run_id()
+        #: output gradients are divided by this (data-parallel averaging across ranks: the world size)
+        self.gradient_divisor = gradient_divisor
+        self.extra_config = dict(extra_config or {})
+        self.capture = GradientCapture(model, allow_unsupported=allow_unsupported)
+        self.params = dict(self.capture.parameters)
+        self.validation = ValidationSet(val_data, loss_fn, model, self.capture)
+        self.writer: RunWriter | None = None
+        self.next_step = 0
+        self.pending: PendingStep | None = None
+        self._microbatches: list[MicroBatch] = []
+        self._current: tuple[Tensor, Tensor | None] | None = None
+        self._skip_reason: str | None = None
+        self._train_losses: list[float] = []
+        self._resume_state: dict | None = None
+        self.listeners: list[Callable[[dict, dict], None]] = []
+        self.clip_norm: float | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def check_output_path(self, resuming: bool) -> None:
+        """Fail now, before any training, if the store exists and neither overwriting nor resuming."""
+        if self.path.exists() and not (self.overwrite or resuming):
+            raise FileExistsError(
+                f"{self.path} already exists; pass overwrite=True to replace it, resume from a checkpoint of that "
+                "run to append to it, or choose another path"
+            )
+
+    def start(self, device: torch.device | None = None) -> None:
+        """Attach hooks, check the validation data against the model, and open (or resume) the store."""
+        if self.writer is not None:
+            return
+        device = device or next(iter(self.params.values())).device
+        self.validation.to(device)
+        self.capture.attach()
+        _, _ = self.validation.gradient(self.params)  # fails early on validation data that does not fit
+        config = self._config()
+        record_columns = dict(DEFAULT_RECORD_COLUMNS)
+        if self.per_val_point:
+            n_val = self.validation.num_points
+            record_columns["value_1_per_val"] = Column(np.float32, (n_val,))
+            if self.order == 2:
+                record_columns["value_2_per_val"] = Column(np.float32, (n_val,))
+        state = self._resume_state
+        if state is not None:
+            self.run_id = state["run_id"]
+            self.writer = RunWriter(self.path, resume=True, run_id=self.run_id, rank=self.rank,
+                                    world_size=self.world_size, flush_every=self.flush_every)
+            keep = state["pending"]["step"] if state.get("pending") else state["next_step"]
+            self.writer.truncate_to_step(keep)
+            self.next_step = state["next_step"]
+            pending = state.get("pending")
+            self.pending = PendingStep.from_state(pending) if pending else None
+        else:
+            self.writer = RunWriter(
+                self.path, run_id=self.run_id, rank=self.rank, world_size=self.world_size, config=config,
+                coverage=self.capture.coverage.as_dict(), step_columns=STEP_COLUMNS, record_columns=record_columns,
+                overwrite=self.overwrite, flush_every=self.flush_every,
+            )
+            if self.source_names:
+                self.writer.write_static("sources/names", np.array(self.source_names, dtype=object))
+
+    def _config(self) -> dict:
+        return {
+            "shapley_order": self.order,
+            "per_val_point": self.per_val_point,
+            "n_val": self.validation.num_points,
+            "record_norms": self.record_norms,
+            "index_key": self.index_key,
+            "model_class": type(self.model).__name__,
+            "inrun_version": __version__,
+            "value_sign": "positive = reduced validation loss",
+            "grad_norm_sq": "squared norm of the sample's contribution to the step's gradient",
+            **self.extra_config,
+        }
+
+    # -- per micro-batch ------------------------------------------------------------------------------------------
+    def sample_ids(self, batch: Any) -> Tensor:
+        ids = self.index_fn(batch) if self.index_fn is not None else batch_field(batch, self.index_key)
+        if ids is None:
+            raise BatchMismatchError(
+                f"training batches must carry the dataset index of each sample: a dict batch with key "
+                f"'{self.index_key}' (set index_key=...), or pass index_fn=lambda batch: LongTensor[n]"
+            )
+        return torch.as_tensor(ids).reshape(-1).long()
+
+    def begin_microbatch(self, batch: Any) -> None:
+        """Note the dataset ids (and source labels) of the samples about to go through forward and backward."""
+        ids = self.sample_ids(batch)
+        self._current = (ids, batch_field(batch, self.source_key))
+        self.capture.batch_size = ids.shape[0]
+        self.capture.discard()
+
+    def end_microbatch(self, grad_scale: float = 1.0) -> None:
+        """Collect the per-sample factors of the backward pass just run (``grad_scale``: fp16 loss scale)."""
+        if self._current is None:
+            raise InRunError("end_microbatch() called without begin_microbatch(batch) first")
+        ids, sources = self._current
+        self._current = None
+        try:
+            captured = self.capture.collect(num_samples=ids.shape[0], grad_scale=grad_scale * self.gradient_divisor)
+        except NonFiniteGradientError as error:
+            self._skip_reason = str(error)
+            self.capture.discard()
+            return
+        self._microbatches.append(MicroBatch(captured, ids, sources))
+
+    def note_train_loss(self, loss: float) -> None:
+        """The training loss of the step just taken (shown in the store and report)."""
+        if self.pending is not None:
+            self.pending.train_loss = float(loss)
+
+    # -- per optimizer step ---------------------------------------------------------------------------------------
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor] | None = None) -> None:
+        """Value the step's samples. Call after the last backward of the step, before ``optimizer.step()``.
+
+        ``grads``: the full-batch gradient per parameter name; by default ``param.grad`` (unscaled). Gradient norm
+        clipping set through ``clip_norm`` is applied to it and to the samples' contributions alike.
+        """
+        if self.writer is None:
+            self.start()
+        if self.next_step == 0 or not hasattr(self, "_warned_rule"):
+            warn_if_unknown(optimizer)
+            self._warned_rule = True
+            self.writer.set_config({**self._config(), "update_rule": rule_name(optimizer)})
+        step, microbatches = self.next_step, self._microbatches
+        self._microbatches = []
+        self.next_step += 1
+        grads = grads if grads is not None else self._param_grads()
+        lr = float(optimizer.param_groups[0]["lr"])
+        reason = self._skip_reason or self._non_finite(grads)
+        self._skip_reason = None
+        if reason is not None or not microbatches or self.order == 0:
+            self._record_skipped(step, lr, reason or "no attributed micro-batches")
+            return
+        if self.clip_norm is not None:
+            coefficient = clip_coefficient(self._total_norm(grads), self.clip_norm)
+            grads = {name: g * coefficient for name, g in grads.items()}
+            for mb in microbatches:
+                mb.captured = mb.captured.scaled(coefficient)
+        terms = update_terms(optimizer, self.params, grads)
+        values = value_step(
+            microbatches, terms, grads, self.validation, self.params,
+            second_order=self.order == 2, per_val_point=self.per_val_point, record_norms=self.record_norms,
+        )
+        self._complete_pending(values.val_loss)
+        self.pending = PendingStep(step, lr, values)
+
+    def _param_grads(self) -> dict[str, Tensor]:
+        return {name: p.grad.detach() for name, p in self.params.items() if p.grad is not None}
+
+    @staticmethod
+    def _non_finite(grads: dict[str, Tensor]) -> str | None:
+        for name, grad in grads.items():
+            if not bool(torch.isfinite(grad).all()):
+                return f"the gradient of '{name}' holds NaN or infinity"
+        return None
+
+    @staticmethod
+    def _total_norm(grads: dict[str, Tensor]) -> float:
+        return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+
+    def _record_skipped(self, step: int, lr: float, reason: str) -> None:
+        warnings.warn(f"inrun: step {step} not valued ({reason}); training goes on", stacklevel=3)
+        try:
+            val_loss = self.validation.loss()
+        except Exception:  # noqa: BLE001 -- a broken validation pass must not stop training either
+            val_loss = math.nan
+        self._complete_pending(val_loss)
+        self._write({"step": step, "lr": lr, "val_loss": val_loss, "skipped": 1}, {"sample_id": np.zeros(0, np.int64)})
+
+    def _complete_pending(self, val_loss_after: float) -> None:
+        """Write the pending step now that the validation loss after it is known."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        v = pending.values
+        utility = v.val_loss_base - val_loss_after
+        row = {
+            "step": pending.step,
+            "lr": pending.lr,
+            "train_loss": pending.train_loss,
+            "val_loss": v.val_loss,
+            "val_loss_base": v.val_loss_base,
+            "val_loss_after": val_loss_after,
+            "sum_value_1": float(v.value_1.sum()),
+            "residual_1": float(v.value_1.sum()) - utility,
+            "direction_norm_sq": v.direction_norm_sq,
+        }
+        records = {"sample_id": v.sample_ids, "source": v.sources, "value_1": v.value_1, "grad_norm_sq": v.grad_norm_sq}
+        if v.value_2 is not None:
+            row["sum_value_2"] = float(v.value_2.sum())
+            row["residual_2"] = float(v.value_2.sum()) - utility
+            records["value_2"] = v.value_2
+        if v.per_val_1 is not None:
+            records["value_1_per_val"] = v.per_val_1
+        if v.per_val_2 is not None:
+            records["value_2_per_val"] = v.per_val_2
+        self._write(row, records)
+
+    def _write(self, row: dict, records: dict) -> None:
+        assert self.writer is not None
+        self.writer.append_step(row, records)
+        for listener in self.listeners:
+            listener(row, records)
+
+    # -- ending, checkpoints ---------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self, final: bool = True) -> None:
+        """Write the last step (with the final validation loss when ``final``), commit and close the store."""
+        if self.writer is None:
+            return
+        try:
+            if self.pending is not None and final:
+                self._complete_pending(self.validation.loss())
+        finally:
+            self.writer.close()
+            self.writer = None
+            self.capture.detach()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume this recording without duplicating or losing steps."""
+        return {
+            "run_id": self.run_id,
+            "next_step": self.next_step,
+            "pending": self.pending.as_state() if self.pending is not None else None,
+            "path": str(self.path),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_state = dict(state)
+        self.run_id = state["run_id"]

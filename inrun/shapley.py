@@ -1,0 +1,137 @@
+"""In-Run Data Shapley values of one optimizer step (ALGORITHMS.md, "In-Run Data Shapley").
+
+With ``u_i = -D * c_i`` (:mod:`inrun.update_rules`):
+
+* first order:  ``phi_i = -<g_V(theta_t), u_i> = <D * g_V(theta_t), c_i>``;
+* second order: ``phi_i = <D * g_V(theta_mid), c_i>`` with ``theta_mid = theta_t + Delta_0 + Delta_B / 2``, the
+  midpoint-gradient form of ``g_V + H_V (Delta_0 + Delta_B / 2)``: one extra validation gradient per step, no double
+  backward, no per-sample Hessian;
+* per validation point: the same with each point's own loss gradient, a ``[batch, n_val]`` matrix.
+
+Each product ``<w, c_i>`` with a fixed parameter-shaped ``w`` costs one matrix product per layer
+(:meth:`CapturedBatch.dot_with`); per-sample gradients are never formed for the training batch.
+A value is a reduction of validation loss: positive means the sample helped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from inrun.persample import CapturedBatch
+from inrun.update_rules import UpdateTerms
+from inrun.validation import ValidationSet, shifted_parameters
+
+
+@dataclass
+class MicroBatch:
+    """One backward pass's captured factors with the dataset ids (and optional source labels) of its samples."""
+
+    captured: CapturedBatch
+    sample_ids: Tensor
+    sources: Tensor | None = None
+
+
+@dataclass
+class StepValues:
+    """Everything recorded for one optimizer step (arrays are per sample, in micro-batch order)."""
+
+    sample_ids: np.ndarray
+    sources: np.ndarray
+    value_1: np.ndarray
+    value_2: np.ndarray | None
+    grad_norm_sq: np.ndarray
+    val_loss: float  # L_V(theta_t)
+    val_loss_base: float  # L_V(theta_t + Delta_0): the utility of the empty set
+    direction_norm_sq: float  # |D * g_V|^2, for cosine-normalised values
+    per_val_1: np.ndarray | None = None  # [n, n_val]
+    per_val_2: np.ndarray | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def _scaled(terms: dict[str, UpdateTerms], vectors: dict[str, Tensor], stacked: bool = False) -> dict[str, Tensor]:
+    """``D * v`` per parameter (``D`` broadcast over a leading validation-point axis when ``stacked``)."""
+    found = {}
+    for name, term in terms.items():
+        if name in vectors:
+            found[name] = (term.scale.unsqueeze(0) if stacked and isinstance(term.scale, Tensor) else term.scale) * vectors[name]
+    return found
+
+
+def _dot_all(microbatches: list[MicroBatch], direction: dict[str, Tensor], stacked: bool = False) -> np.ndarray:
+    parts = [mb.captured.dot_with(direction, stacked=stacked) for mb in microbatches]
+    return torch.cat(parts).detach().double().cpu().numpy()
+
+
+def _update_shifts(terms: dict[str, UpdateTerms], grads: dict[str, Tensor], fraction_of_batch: float) -> dict[str, Tensor]:
+    """``Delta_0 + fraction * Delta_B`` per parameter, with ``Delta_B = -D * G``."""
+    shifts = {}
+    for name, term in terms.items():
+        shift = -fraction_of_batch * term.scale * grads[name] if fraction_of_batch else None
+        if term.delta0 is not None:
+            shift = term.delta0 if shift is None else shift + term.delta0
+        if shift is not None:
+            shifts[name] = shift if isinstance(shift, Tensor) else torch.as_tensor(shift)
+    return shifts
+
+
+def value_step(
+    microbatches: list[MicroBatch],
+    terms: dict[str, UpdateTerms],
+    grads: dict[str, Tensor],
+    validation: ValidationSet,
+    params: dict[str, Tensor],
+    *,
+    second_order: bool,
+    per_val_point: bool,
+    record_norms: bool = True,
+) -> StepValues:
+    """Value every sample of the step's micro-batches; call before the optimizer steps (parameters at theta_t).
+
+    ``grads`` is the full-batch gradient the optimizer will apply (after unscaling and clipping); ``terms`` the
+    update rule read from the optimizer with those gradients.
+    """
+    val_loss, val_grad = validation.gradient(params)
+    direction = _scaled(terms, val_grad)
+    value_1 = _dot_all(microbatches, direction)
+    direction_norm_sq = float(sum(float((w.double() ** 2).sum()) for w in direction.values()))
+
+    base_shift = _update_shifts(terms, grads, 0.0)
+    val_loss_base = val_loss
+    if base_shift:
+        with shifted_parameters(params, base_shift):
+            val_loss_base = validation.loss()
+
+    value_2 = per_val_2 = per_val_1 = None
+    if per_val_point:
+        per_val_1 = _dot_all(microbatches, _scaled(terms, validation.per_point_gradients(), stacked=True), True)
+    if second_order:
+        with shifted_parameters(params, _update_shifts(terms, grads, 0.5)):
+            _, mid_grad = validation.gradient(params)
+            value_2 = _dot_all(microbatches, _scaled(terms, mid_grad))
+            if per_val_point:
+                per_val_2 = _dot_all(microbatches, _scaled(terms, validation.per_point_gradients(), True), True)
+
+    if record_norms:
+        norms = torch.cat([mb.captured.squared_norms() for mb in microbatches]).detach().double().cpu().numpy()
+    else:
+        norms = np.full(value_1.shape[0], np.nan)
+    ids = torch.cat([mb.sample_ids.reshape(-1) for mb in microbatches]).cpu().numpy().astype(np.int64)
+    sources = torch.cat(
+        [mb.sources.reshape(-1) if mb.sources is not None else torch.full_like(mb.sample_ids, -1) for mb in microbatches]
+    ).cpu().numpy().astype(np.int32)
+    return StepValues(
+        sample_ids=ids,
+        sources=sources,
+        value_1=value_1,
+        value_2=value_2,
+        grad_norm_sq=norms,
+        val_loss=val_loss,
+        val_loss_base=val_loss_base,
+        direction_norm_sq=direction_norm_sq,
+        per_val_1=per_val_1,
+        per_val_2=per_val_2,
+    )

@@ -1,0 +1,144 @@
+"""The validation data In-Run Data Shapley values against: its loss, its gradient, anywhere in parameter space.
+
+The validation utility is the mean of the per-sample validation losses over every validation point (all batches).
+Losses and gradients are evaluated in eval mode (no dropout: a deterministic utility), with ``torch.autograd.grad``,
+so ``param.grad`` is never touched, and with capture paused unless per-point gradients are asked for.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from inrun.capture import GradientCapture
+from inrun.errors import BatchMismatchError
+from inrun.persample import capture_batch, per_sample_losses
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(value, device) for value in batch)
+    return batch
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily switch every submodule to eval mode, restoring each one's own flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextmanager
+def shifted_parameters(params: dict[str, Tensor], shift: dict[str, Tensor]) -> Iterator[None]:
+    """Temporarily add ``shift`` to the named parameters; restore them bit for bit afterwards."""
+    saved = {name: params[name].detach().clone() for name in shift}
+    try:
+        with torch.no_grad():
+            for name, delta in shift.items():
+                params[name].add_(delta.to(params[name].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                params[name].copy_(original)
+
+
+class ValidationSet:
+    """Validation batches, kept on the model's device, with the loss function that scores them per sample."""
+
+    def __init__(self, data: Any, loss_fn: LossFn, model: nn.Module, capture: GradientCapture):
+        self.batches = list(_as_batches(data))
+        if not self.batches:
+            raise BatchMismatchError("the validation data is empty: pass a batch or a loader with at least one batch")
+        self.loss_fn = loss_fn
+        self.model = model
+        self.capture = capture
+        self.num_points: int | None = None
+
+    def to(self, device: torch.device) -> "ValidationSet":
+        self.batches = [move_to(batch, device) for batch in self.batches]
+        return self
+
+    def _losses(self, batch: Any) -> Tensor:
+        try:
+            return per_sample_losses(self.model, self.loss_fn, batch)
+        except BatchMismatchError:
+            raise
+        except (TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+            raise BatchMismatchError(
+                f"the validation data does not fit the loss function ({type(error).__name__}: {error}); "
+                "validation batches must have the same structure as training batches"
+            ) from error
+
+    def loss(self) -> float:
+        """Mean validation loss at the current parameters."""
+        total, count = 0.0, 0
+        with eval_mode(self.model), torch.no_grad(), self._paused():
+            for batch in self.batches:
+                losses = self.loss_fn(self.model, batch)
+                total += float(losses.double().sum())
+                count += losses.shape[0]
+        return total / count
+
+    def gradient(self, params: dict[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
+        """Mean validation loss and its gradient (per named parameter) at the current parameters."""
+        names = list(params)
+        sums: list[Tensor | None] = [None] * len(names)
+        total, count = 0.0, 0
+        with eval_mode(self.model), self._paused():
+            for batch in self.batches:
+                losses = self._losses(batch)
+                grads = torch.autograd.grad(losses.sum(), [params[n] for n in names], allow_unused=True)
+                for k, grad in enumerate(grads):
+                    if grad is not None:
+                        sums[k] = grad if sums[k] is None else sums[k] + grad
+                total += float(losses.detach().double().sum())
+                count += losses.shape[0]
+        self.num_points = count
+        gradient = {
+            name: (s / count if s is not None else torch.zeros_like(params[name])) for name, s in zip(names, sums)
+        }
+        return total / count, gradient
+
+    def per_point_gradients(self) -> dict[str, Tensor]:
+        """Each validation point's own loss gradient, materialised: ``{name: [n_val, *param.shape]}``."""
+        parts: list[dict[str, Tensor]] = []
+        enabled, self.capture.enabled = self.capture.enabled, True
+        with eval_mode(self.model):
+            for batch in self.batches:
+                captured = capture_batch(self.capture, self.model, self.loss_fn, batch)
+                parts.append(captured.per_sample_gradients())
+        self.capture.enabled = enabled
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        enabled, self.capture.enabled = self.capture.enabled, False
+        try:
+            yield
+        finally:
+            self.capture.enabled = enabled
+
+
+def _as_batches(data: Any) -> Iterable[Any]:
+    """A single batch (tensor, tuple or dict) or an iterable of batches (a DataLoader, a list of batches)."""
+    if isinstance(data, (Tensor, dict, tuple)):
+        return [data]
+    if isinstance(data, list) and data and isinstance(data[0], Tensor):  # a batch given as [inputs, targets]
+        return [data]
+    return data
