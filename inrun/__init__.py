@@ -16,6 +16,8 @@ from inrun.errors import (
     UnsupportedLayerError,
 )
 from inrun.layers import register_layer, supported_layer_names
+from inrun.reader import PhaseValues, Run, open_run
+from inrun.recorder import InRunRecorder
 from inrun.persample import CapturedBatch, capture_batch, grad_dots, grad_norms
 
 __all__ = [
@@ -25,12 +27,16 @@ __all__ = [
     "Coverage",
     "GradientCapture",
     "InRunError",
+    "InRunRecorder",
+    "PhaseValues",
+    "Run",
     "LossShapeError",
     "NonFiniteGradientError",
     "UnsupportedLayerError",
     "capture_batch",
     "grad_dots",
     "grad_norms",
+    "open_run",
     "register_layer",
     "supported_layer_names",
 ]

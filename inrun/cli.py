@@ -1,0 +1,168 @@
+"""The ``inrun`` command line: ``inrun report RUN`` and ``inrun export RUN``.
+
+``report`` prints a summary of a recorded run (steps, samples, coverage, top and bottom samples, a per-phase table)
+and writes a PNG plot of influence over training, per phase and per source. ``export`` writes the per-sample values
+as CSV and ``.npz`` for use anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from inrun.reader import Run, open_run
+
+
+def _orders(run: Run) -> list[int]:
+    order = int(run.config.get("shapley_order", 1))
+    return [1, 2] if order >= 2 else [1]
+
+
+def _phase_length(run: Run, requested: int | None) -> int:
+    return requested or max(1, run.num_steps // 10)
+
+
+def summary_lines(run: Run, top: int = 5, phase_length: int | None = None) -> list[str]:
+    """The text of ``inrun report``."""
+    steps = run.steps
+    coverage = run.coverage
+    lines = [
+        f"run            {', '.join(str(p) for p in run.paths)}",
+        f"steps          {run.num_steps} ({int(steps['skipped'].sum())} skipped)",
+        f"samples        {run.sample_ids.size} distinct, {run.num_records} occurrences",
+        f"update rule    {run.config.get('update_rule', '?')}, Shapley order {run.config.get('shapley_order', '?')}",
+        f"coverage       {coverage.get('fraction', 1.0):.1%} of trainable parameters",
+    ]
+    for key in ("residual_1", "residual_2"):
+        residual = steps.get(key)
+        if residual is not None and np.isfinite(residual).any():
+            lines.append(f"efficiency     mean |{key}| = {np.nanmean(np.abs(residual)):.3e} "
+                         f"(values of a step vs. its validation-loss reduction)")
+    val = steps.get("val_loss")
+    if val is not None and val.size:
+        lines.append(f"val loss       {val[0]:.4f} -> {steps.get('val_loss_after', val)[-1]:.4f}")
+    names = run.source_names
+    for order in _orders(run):
+        ids_top, values_top = run.top_k(top, order=order)
+        ids_bottom, values_bottom = run.bottom_k(top, order=order)
+        lines.append(f"top {top} (order {order})     " + ", ".join(f"{i}:{v:+.2e}" for i, v in zip(ids_top, values_top)))
+        lines.append(f"bottom {top} (order {order})  " + ", ".join(f"{i}:{v:+.2e}" for i, v in zip(ids_bottom, values_bottom)))
+    window = _phase_length(run, phase_length)
+    phases = run.phase_values(window=window, order=1, by_source=names is not None)
+    header = ["phase start"] + (list(phases.source_names) if phases.source_names else ["value_1"])
+    lines.append(f"per-phase value_1 sums (window {window} steps)")
+    lines.append("  " + "".join(f"{h:>14}" for h in header))
+    table = phases.values if phases.values.ndim == 2 else phases.values[:, None]
+    for start, row in zip(phases.phase_starts, table):
+        lines.append("  " + f"{int(start):>14}" + "".join(f"{v:>14.3e}" for v in row))
+    return lines
+
+
+def plot(run: Run, png: Path, phase_length: int | None = None) -> Path:
+    """A PNG of influence over training: per-phase sums per source, and cumulative values per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = _phase_length(run, phase_length)
+    by_source = run.source_names is not None
+    orders = _orders(run)
+    fig, axes = plt.subplots(1, len(orders) + 1, figsize=(5.5 * (len(orders) + 1), 4), squeeze=False)
+    for ax, order in zip(axes[0], orders):
+        phases = run.phase_values(window=window, order=order, by_source=by_source)
+        table = phases.values if phases.values.ndim == 2 else phases.values[:, None]
+        labels = phases.source_names or ["all samples"]
+        counts = _phase_counts(run, window, by_source)
+        for k, label in enumerate(labels):
+            if counts[:, k].sum() == 0:
+                continue
+            mean = np.divide(table[:, k], counts[:, k], out=np.full(len(table), np.nan), where=counts[:, k] > 0)
+            ax.plot(phases.phase_starts, mean, marker="o", label=label)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(f"In-Run Shapley (order {order}): mean value per sample, per phase")
+        ax.set_xlabel(f"optimizer step (phases of {window})")
+        ax.set_ylabel("value (validation loss reduction)")
+        ax.legend(fontsize=8)
+    ax = axes[0][-1]
+    steps = run.steps
+    ax.plot(steps["step"], steps["val_loss"], label="validation loss")
+    ax.set_title("validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _phase_counts(run: Run, window: int, by_source: bool) -> np.ndarray:
+    """Occurrences per phase (and source): the denominators of per-sample means."""
+    records = run.records(columns=["step", "source"])
+    phase = records["step"] // window
+    n_phases = int(phase.max()) + 1 if phase.size else 0
+    n_phases = max(n_phases, len(run.phase_values(window=window).phase_starts))
+    if not by_source:
+        return np.bincount(phase, minlength=n_phases)[:, None].astype(float)
+    n_sources = len(run.source_names or [])
+    flat = phase * n_sources + np.clip(records["source"], 0, None)
+    return np.bincount(flat, minlength=n_phases * n_sources).reshape(n_phases, n_sources).astype(float)
+
+
+def write_report(path: str | Path, png: str | Path | None = None, top: int = 5, phase_length: int | None = None) -> None:
+    """Print the report of the run at ``path`` and write its plot (default: next to the store, ``.png``)."""
+    with open_run(path) as run:
+        for line in summary_lines(run, top=top, phase_length=phase_length):
+            print(line)
+        target = Path(png) if png else Path(run.paths[0]).with_suffix(".png")
+        print(f"plot           {plot(run, target, phase_length)}")
+
+
+def export(path: str | Path, csv_path: str | Path | None, npz_path: str | Path | None) -> None:
+    """Write per-sample run values (orders recorded, occurrences) as CSV and/or ``.npz``."""
+    with open_run(path) as run:
+        ids = run.sample_ids
+        columns = {"sample_id": ids}
+        for order in _orders(run):
+            columns[f"value_{order}"] = run.sample_values(order=order)[1]
+        _, columns["occurrences"] = np.unique(run.records(columns=["sample_id"])["sample_id"], return_counts=True)
+        if npz_path:
+            np.savez(npz_path, **columns)
+            print(f"wrote {npz_path}")
+        if csv_path:
+            with open(csv_path, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(list(columns))
+                writer.writerows(zip(*(np.asarray(c).tolist() for c in columns.values())))
+            print(f"wrote {csv_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inrun", description="Read runs recorded by inrun.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="summary and plot of a run")
+    report.add_argument("run", help="a store (.h5), or the folder/prefix of a multi-rank run")
+    report.add_argument("--png", default=None, help="where to write the plot (default: next to the store)")
+    report.add_argument("--top", type=int, default=5)
+    report.add_argument("--phase-length", type=int, default=None, help="steps per phase (default: a tenth)")
+    exporter = commands.add_parser("export", help="per-sample values as CSV and/or .npz")
+    exporter.add_argument("run")
+    exporter.add_argument("--csv", default=None)
+    exporter.add_argument("--npz", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        write_report(args.run, args.png, args.top, args.phase_length)
+    else:
+        if not (args.csv or args.npz):
+            parser.error("export needs --csv PATH and/or --npz PATH")
+        export(args.run, args.csv, args.npz)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
