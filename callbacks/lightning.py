@@ -32,7 +32,9 @@ class InRunCallback(L.Callback):
         path: the store (``.h5``); with several processes, one file per rank (``run.rank0.h5``, ...).
         val_data: the validation batch, a list of batches or a loader; the utility is the mean loss over its points.
         shapley: ``"first"``, ``"second"`` (adds the midpoint second-order value) or None (record nothing).
-        embeddings: reserved for projected-gradient recording (data value embeddings).
+        embeddings: record projected per-sample gradients for data value embeddings: True (64 x 64 per layer), or
+            a dict / :class:`inrun.projection.ProjectionSettings` (``k_rows``, ``k_cols``, ``kind``, ``seed``,
+            ``dtype``, ``every``, ``parameters``).
         loss_fn: ``loss_fn(module, batch) -> Tensor[n]``; default: the module's ``per_sample_loss(batch)``.
         per_val_point: also record the ``[batch, n_val]`` matrix of values per validation point.
         index_key / index_fn: where a batch keeps its samples' dataset indices.
@@ -62,14 +64,12 @@ class InRunCallback(L.Callback):
         wandb: Any = None,
     ):
         super().__init__()
-        if embeddings:
-            raise NotImplementedError("embeddings=True (data value embeddings) is not available yet in this version")
         self.path = Path(path)
         self.val_data = val_data
         self.shapley = shapley
         self.loss_fn = loss_fn
         self.options = dict(
-            per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
+            embeddings=embeddings, per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
             source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
             overwrite=overwrite, flush_every=flush_every,
         )

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from inrun import __version__
 from inrun.capture import GradientCapture
 from inrun.errors import BatchMismatchError, InRunError, NonFiniteGradientError
+from inrun.projection import ProjectionSettings, Projector
 from inrun.shapley import MicroBatch, StepValues, value_step
 from inrun.store import Column, DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, RunWriter, new_run_id, rank_path
 from inrun.update_rules import clip_coefficient, rule_name, update_terms, warn_if_unknown
@@ -77,11 +78,13 @@ class PendingStep:
             for key, value in vars(self.values).items()
             if key != "extras"
         }
+        values["extras"] = {key: torch.from_numpy(np.asarray(v)) for key, v in self.values.extras.items()}
         return {"step": self.step, "lr": self.lr, "train_loss": self.train_loss, "values": values}
 
     @classmethod
     def from_state(cls, state: dict) -> "PendingStep":
         values = {key: (v.numpy() if isinstance(v, Tensor) else v) for key, v in state["values"].items()}
+        values["extras"] = {key: v.numpy() for key, v in values.get("extras", {}).items()}
         return cls(state["step"], state["lr"], StepValues(**values), state["train_loss"])
 
 
@@ -96,6 +99,7 @@ class InRunRecorder:
         val_data: Any,
         loss_fn: LossFn,
         shapley: str | None = "first",
+        embeddings: "bool | dict | ProjectionSettings" = False,
         per_val_point: bool = False,
         index_key: str = "index",
         index_fn: Callable[[Any], Tensor] | None = None,
@@ -116,6 +120,10 @@ class InRunRecorder:
         self.model = model
         self.path = rank_path(path, rank, world_size)
         self.order = SHAPLEY_ORDERS[shapley]
+        self.embeddings = ProjectionSettings.from_any(embeddings) if embeddings else None
+        if self.embeddings is not None and self.embeddings.dtype not in ("float32", "float16"):
+            raise ValueError(f"embeddings dtype must be 'float32' or 'float16', got {self.embeddings.dtype!r}")
+        self.projector: Projector | None = None
         self.per_val_point = per_val_point
         self.index_key, self.index_fn, self.source_key = index_key, index_fn, source_key
         self.source_names = source_names
@@ -150,42 +158,60 @@ class InRunRecorder:
             )
 
     def start(self, device: torch.device | None = None) -> None:
-        """Attach hooks, check the validation data against the model, and open (or resume) the store."""
-        if self.writer is not None:
+        """Attach hooks and check the validation data against the model (the store opens at the first step)."""
+        if self.capture._handles:
             return
         device = device or next(iter(self.params.values())).device
         self.validation.to(device)
         self.capture.attach()
-        _, _ = self.validation.gradient(self.params)  # fails early on validation data that does not fit
-        config = self._config()
+        self.validation.gradient(self.params)  # fails early on validation data that does not fit
+
+    def _open_store(self, first: MicroBatch | None) -> None:
+        """Create (or resume) the store; the projection layout comes from the first captured micro-batch."""
         record_columns = dict(DEFAULT_RECORD_COLUMNS)
+        step_columns = dict(STEP_COLUMNS)
         if self.per_val_point:
             n_val = self.validation.num_points
             record_columns["value_1_per_val"] = Column(np.float32, (n_val,))
             if self.order == 2:
                 record_columns["value_2_per_val"] = Column(np.float32, (n_val,))
+        if self.embeddings is not None and first is not None:
+            self.projector = Projector.build(Projector.shapes_of(first.captured), self.embeddings)
+            record_columns["proj_grad"] = Column(np.dtype(self.embeddings.dtype), (self.projector.dim,))
+            step_columns["proj_scale"] = Column(np.float64, (len(self.projector.layout),))
         state = self._resume_state
         if state is not None:
             self.run_id = state["run_id"]
             self.writer = RunWriter(self.path, resume=True, run_id=self.run_id, rank=self.rank,
                                     world_size=self.world_size, flush_every=self.flush_every)
-            keep = state["pending"]["step"] if state.get("pending") else state["next_step"]
-            self.writer.truncate_to_step(keep)
-            self.next_step = state["next_step"]
             pending = state.get("pending")
+            self.writer.truncate_to_step(pending["step"] if pending else state["next_step"])
+            self.next_step = state["next_step"]
             self.pending = PendingStep.from_state(pending) if pending else None
-        else:
-            self.writer = RunWriter(
-                self.path, run_id=self.run_id, rank=self.rank, world_size=self.world_size, config=config,
-                coverage=self.capture.coverage.as_dict(), step_columns=STEP_COLUMNS, record_columns=record_columns,
-                overwrite=self.overwrite, flush_every=self.flush_every,
-            )
-            if self.source_names:
-                self.writer.write_static("sources/names", np.array(self.source_names, dtype=object))
+            return
+        self.writer = RunWriter(
+            self.path, run_id=self.run_id, rank=self.rank, world_size=self.world_size, config=self._config(),
+            coverage=self.capture.coverage.as_dict(), step_columns=step_columns, record_columns=record_columns,
+            overwrite=self.overwrite, flush_every=self.flush_every,
+        )
+        if self.source_names:
+            self.writer.write_static("sources/names", np.array(self.source_names, dtype=object))
+        if self.projector is not None:
+            self._write_projection(self.projector)
+
+    def _write_projection(self, projector: Projector) -> None:
+        assert self.writer is not None
+        self.writer.write_static("projection", attrs={"layout": projector.layout_json(),
+                                                      "settings": projector.settings_json()})
+        for position, block in enumerate(projector.layout):
+            for side, matrix in zip(("rows", "cols"), projector.matrices[block.name]):
+                if matrix is not None:
+                    self.writer.write_static(f"projection/{position}/{side}", matrix.numpy())
 
     def _config(self) -> dict:
         return {
             "shapley_order": self.order,
+            "embeddings": None if self.embeddings is None else vars(self.embeddings),
             "per_val_point": self.per_val_point,
             "n_val": self.validation.num_points,
             "record_norms": self.record_norms,
@@ -240,11 +266,10 @@ class InRunRecorder:
         ``grads``: the full-batch gradient per parameter name; by default ``param.grad`` (unscaled). Gradient norm
         clipping set through ``clip_norm`` is applied to it and to the samples' contributions alike.
         """
+        self.start()
         if self.writer is None:
-            self.start()
-        if self.next_step == 0 or not hasattr(self, "_warned_rule"):
+            self._open_store(self._microbatches[0] if self._microbatches else None)
             warn_if_unknown(optimizer)
-            self._warned_rule = True
             self.writer.set_config({**self._config(), "update_rule": rule_name(optimizer)})
         step, microbatches = self.next_step, self._microbatches
         self._microbatches = []
@@ -253,7 +278,7 @@ class InRunRecorder:
         lr = float(optimizer.param_groups[0]["lr"])
         reason = self._skip_reason or self._non_finite(grads)
         self._skip_reason = None
-        if reason is not None or not microbatches or self.order == 0:
+        if reason is not None or not microbatches or (self.order == 0 and self.projector is None):
             self._record_skipped(step, lr, reason or "no attributed micro-batches")
             return
         if self.clip_norm is not None:
@@ -262,12 +287,37 @@ class InRunRecorder:
             for mb in microbatches:
                 mb.captured = mb.captured.scaled(coefficient)
         terms = update_terms(optimizer, self.params, grads)
-        values = value_step(
-            microbatches, terms, grads, self.validation, self.params,
-            second_order=self.order == 2, per_val_point=self.per_val_point, record_norms=self.record_norms,
-        )
+        if self.order > 0:
+            values = value_step(
+                microbatches, terms, grads, self.validation, self.params,
+                second_order=self.order == 2, per_val_point=self.per_val_point, record_norms=self.record_norms,
+            )
+        else:
+            values = self._unvalued(microbatches)
+        if self.projector is not None and step % self.embeddings.every == 0:
+            self._add_projections(values, microbatches, terms)
         self._complete_pending(values.val_loss)
         self.pending = PendingStep(step, lr, values)
+
+    def _unvalued(self, microbatches: list[MicroBatch]) -> StepValues:
+        """A step with projections only (``shapley=None``): no values, still the validation loss for the row."""
+        ids = torch.cat([mb.sample_ids for mb in microbatches]).numpy().astype(np.int64)
+        sources = torch.cat([mb.sources if mb.sources is not None else torch.full_like(mb.sample_ids, -1)
+                             for mb in microbatches]).numpy().astype(np.int32)
+        val_loss = self.validation.loss()
+        nan = np.full(ids.size, np.nan)
+        return StepValues(ids, sources, nan, None, nan, val_loss, val_loss, math.nan)
+
+    def _add_projections(self, values: StepValues, microbatches: list[MicroBatch], terms: dict) -> None:
+        """Projected contributions of the step's samples, and each block's update scale (lr for SGD)."""
+        assert self.projector is not None
+        projected = torch.cat([self.projector.project_batch(mb.captured) for mb in microbatches])
+        values.extras["proj_grad"] = projected.cpu().numpy().astype(self.embeddings.dtype)
+        scales = []
+        for block in self.projector.layout:
+            scale = terms[block.name].scale if block.name in terms else math.nan
+            scales.append(float(scale.double().mean()) if isinstance(scale, Tensor) else float(scale))
+        values.extras["proj_scale"] = np.asarray(scales)
 
     def _param_grads(self) -> dict[str, Tensor]:
         return {name: p.grad.detach() for name, p in self.params.items() if p.grad is not None}
@@ -315,6 +365,9 @@ class InRunRecorder:
             row["sum_value_2"] = float(v.value_2.sum())
             row["residual_2"] = float(v.value_2.sum()) - utility
             records["value_2"] = v.value_2
+        if "proj_grad" in v.extras:
+            records["proj_grad"] = v.extras["proj_grad"]
+            row["proj_scale"] = v.extras["proj_scale"]
         if v.per_val_1 is not None:
             records["value_1_per_val"] = v.per_val_1
         if v.per_val_2 is not None:
