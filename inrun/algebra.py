@@ -71,8 +71,9 @@ def choose_route(
     """
     numel = left.numel
     pairs = left.n if diagonal else left.n * right.n
-    materialise_flops = _materialise_cost(left) + _materialise_cost(right) + pairs * numel
-    materialise_memory = float((left.n + right.n) * numel * itemsize)
+    same = left is right  # a squared norm materialises its factor once
+    materialise_flops = _materialise_cost(left) + (0.0 if same else _materialise_cost(right)) + pairs * numel
+    materialise_memory = float((left.n + (0 if same else right.n)) * numel * itemsize)
     if isinstance(left, FlatFactor) or isinstance(right, FlatFactor):
         return RouteChoice("flat", materialise_flops, materialise_memory)
     entry = _gram_entry_cost(left.rows, right.rows) + _gram_entry_cost(left.cols, right.cols)
@@ -98,7 +99,7 @@ def _gram_dots(left: OuterFactor, right: OuterFactor, itemsize: int) -> Tensor:
     chunk = max(1, GRAM_CHUNK_BYTES // per_sample)
     blocks = []
     for start in range(0, right.n, chunk):
-        part = right.select(torch.arange(start, min(start + chunk, right.n), device=dense_reference(right).device))
+        part = right if chunk >= right.n else right.select(slice(start, start + chunk))
         rows = side_gram(left.rows, part.rows)
         cols = side_gram(left.cols, part.cols)
         blocks.append((rows * cols).sum(dim=(2, 3)))
@@ -110,8 +111,8 @@ def _gram_diagonal(left: OuterFactor, right: OuterFactor, itemsize: int) -> Tens
     chunk = max(1, GRAM_CHUNK_BYTES // per_sample)
     blocks = []
     for start in range(0, left.n, chunk):
-        samples = torch.arange(start, min(start + chunk, left.n), device=dense_reference(left).device)
-        a, b = left.select(samples), right.select(samples)
+        samples = slice(start, start + chunk)
+        a, b = (left, right) if chunk >= left.n else (left.select(samples), right.select(samples))
         blocks.append((side_gram_diagonal(a.rows, b.rows) * side_gram_diagonal(a.cols, b.cols)).sum(dim=(1, 2)))
     return torch.cat(blocks)
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from inrun.errors import BatchMismatchError, NonFiniteGradientError, UnsupportedLayerError
-from inrun.factors import Factor
+from inrun.factors import Factor, concat_factors, zero_factor
 from inrun.layers import handler_for, supported_layer_names
 from inrun.layers.registry import LayerHandler
 
@@ -65,6 +65,7 @@ class LayerCall:
     hooked: HookedModule
     inputs: Tensor
     grad_output: Tensor
+    micro_batch: int = 0
 
 
 def _plan(model: nn.Module, allow_unsupported: bool) -> tuple[list[HookedModule], dict[str, nn.Parameter], Coverage]:
@@ -128,16 +129,35 @@ class GradientCapture:
         self.model = model
         self.hooked, self.parameters, self.coverage = _plan(model, allow_unsupported)
         self.enabled = True
-        #: samples in the batch being run, when known; lets a call with a batch dimension of 1 be expanded
-        self.batch_size: int | None = None
+        self._batch_size: int | None = None
+        self._micro_batch = 0
+        self._gradient_arrived = False
         self._calls: list[LayerCall] = []
         self._handles: list = []
+
+    @property
+    def batch_size(self) -> int | None:
+        """Samples in the micro-batch about to run, when known.
+
+        Setting it starts a new micro-batch: calls recorded afterwards belong to new samples, so several micro-batches
+        (gradient accumulation) collected at once are joined along the sample axis. A forward pass that starts after
+        a backward pass (outside it) also starts a new micro-batch. It also lets a call with a batch
+        dimension of 1 (a position embedding broadcast over the batch) be expanded to the batch.
+        """
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        self._batch_size = value
+        self._micro_batch += 1
+        self._gradient_arrived = False
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def attach(self) -> "GradientCapture":
         if not self._handles:
             for entry in self.hooked:
-                self._handles.append(entry.module.register_forward_hook(self._forward_hook(entry)))
+                hook = self._forward_hook(entry)
+                self._handles.append(entry.module.register_forward_hook(hook, with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -153,7 +173,7 @@ class GradientCapture:
         self.detach()
 
     def _forward_hook(self, entry: HookedModule):
-        def hook(module: nn.Module, args: tuple, output) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             if not self.enabled or not torch.is_grad_enabled():
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
@@ -161,7 +181,15 @@ class GradientCapture:
             problem = entry.handler.check(module)
             if problem is not None:
                 raise UnsupportedLayerError(f"'{entry.name}' ({type(module).__name__}): {problem}")
-            inputs = args[0].detach()
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(first, Tensor):
+                return
+            inputs = first.detach()
+            if self._gradient_arrived and not _inside_backward():
+                # a forward pass after a backward pass: new samples (gradient accumulation)
+                self._micro_batch += 1
+                self._gradient_arrived = False
+            micro_batch = self._micro_batch
             expand_to = self.batch_size
             broadcast = expand_to is not None and expand_to > 1 and output.dim() > 0 and output.shape[0] == 1
             if broadcast:
@@ -169,7 +197,8 @@ class GradientCapture:
                 output = output.expand(expand_to, *output.shape[1:])
 
             def on_grad(grad: Tensor) -> None:
-                self._calls.append(LayerCall(entry, inputs, grad.detach()))
+                self._gradient_arrived = True
+                self._calls.append(LayerCall(entry, inputs, grad.detach(), micro_batch))
 
             output.register_hook(on_grad)
             return output if broadcast else None
@@ -185,40 +214,44 @@ class GradientCapture:
         """Drop recorded calls (for example after a backward pass that should not be attributed)."""
         self._calls.clear()
 
-    def collect(self, num_samples: int | None = None, *, grad_scale: float = 1.0):
+    def collect(self, num_samples: int | None = None, *, grad_scale: float = 1.0, check_finite: bool = True):
         """Turn the calls recorded since the last collect into per-sample factors.
 
         ``grad_scale`` is divided out of every output gradient (the loss scale of fp16 mixed precision).
         ``num_samples``, when given, is checked against every layer's sample dimension.
+        ``check_finite`` checks every output gradient for NaN/inf (callers that check the full gradient instead,
+        where any non-finite output gradient ends up, can skip it).
         """
         from inrun.persample import CapturedBatch
 
         calls, self._calls = self._calls, []
-        factors: dict[str, list[Factor]] = {}
-        sizes: set[int] = set()
+        groups: dict[int, dict[str, list[Factor]]] = {}
+        first_module: dict[int, str] = {}
         for call in calls:
-            for local, factor in self._factors_of(call, grad_scale).items():
+            factors = groups.setdefault(call.micro_batch, {})
+            first_module.setdefault(call.micro_batch, call.hooked.name)
+            for local, factor in self._factors_of(call, grad_scale, check_finite).items():
                 name = call.hooked.parameters.get(local)
-                if name is None:  # frozen or unsupported parameter of a hooked module
-                    continue
-                if num_samples is not None and factor.n != num_samples:
-                    raise BatchMismatchError(
-                        f"module '{call.hooked.name}' saw {factor.n} samples but there are {num_samples} losses; "
-                        "inrun needs every layer input to keep the sample dimension first (a model that reshapes "
-                        "[n, T, d] into [n*T, d] before a layer cannot be attributed per sample)"
-                    )
-                sizes.add(factor.n)
-                factors.setdefault(name, []).append(factor)
-        if len(sizes) > 1:
-            raise BatchMismatchError(f"hooked layers saw different numbers of samples: {sorted(sizes)}")
-        n = num_samples if num_samples is not None else (sizes.pop() if sizes else 0)
+                if name is not None:  # None: a frozen or unsupported parameter of a hooked module
+                    factors.setdefault(name, []).append(factor)
+        sizes = [_group_size(group) for _, group in sorted(groups.items())]
+        total = sum(sizes)
+        if num_samples is not None and groups and total != num_samples:
+            seen = (f"module '{first_module[min(groups)]}' saw {total} samples" if len(groups) == 1
+                    else f"the hooked layers saw {total} samples in {len(groups)} micro-batches")
+            raise BatchMismatchError(
+                f"{seen} but there are {num_samples} losses; inrun needs every layer input to keep the sample "
+                "dimension first (a model that reshapes [n, T, d] into [n*T, d] before a layer cannot be attributed "
+                "per sample)"
+            )
         shapes = {name: self.parameters[name].shape for name in self.parameters}
-        return CapturedBatch(factors, n, shapes)
+        merged = join_micro_batches([group for _, group in sorted(groups.items())], sizes)
+        return CapturedBatch(merged, num_samples if num_samples is not None else total, shapes)
 
     @staticmethod
-    def _factors_of(call: LayerCall, grad_scale: float) -> dict[str, Factor]:
+    def _factors_of(call: LayerCall, grad_scale: float, check_finite: bool) -> dict[str, Factor]:
         grad = call.grad_output
-        if not bool(torch.isfinite(grad).all()):
+        if check_finite and not bool(torch.isfinite(grad).all()):
             raise NonFiniteGradientError(
                 f"the output gradient of module '{call.hooked.name}' ({type(call.hooked.module).__name__}) holds NaN "
                 "or infinity; check the loss for overflow (lower the learning rate, use loss scaling or bf16)"
@@ -235,3 +268,42 @@ def _compute_dtype(tensor: Tensor) -> Tensor:
     if tensor.is_floating_point() and tensor.element_size() < 4:
         return tensor.float()
     return tensor
+
+
+def _inside_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _group_size(factors: dict[str, list[Factor]]) -> int:
+    """The number of samples one micro-batch's factors cover (all must agree)."""
+    sizes = {factor.n for uses in factors.values() for factor in uses}
+    if len(sizes) > 1:
+        raise BatchMismatchError(
+            f"hooked layers saw different numbers of samples in one forward pass: {sorted(sizes)}; inrun needs "
+            "every layer input to keep the sample dimension first"
+        )
+    return sizes.pop() if sizes else 0
+
+
+def join_micro_batches(groups: list[dict[str, list[Factor]]], sizes: list[int]) -> dict[str, list[Factor]]:
+    """Join micro-batches along the sample axis: use k of a parameter is use k of each micro-batch, stacked.
+
+    A micro-batch with fewer uses of a parameter gets zero factors; sequences of different lengths are padded with
+    zero positions (which contribute nothing).
+    """
+    if len(groups) <= 1:
+        return groups[0] if groups else {}
+    names = list(dict.fromkeys(name for group in groups for name in group))
+    joined: dict[str, list[Factor]] = {}
+    for name in names:
+        uses = max(len(group.get(name, [])) for group in groups)
+        template = next(group[name][0] for group in groups if name in group)
+        joined[name] = [
+            concat_factors([
+                group[name][k] if k < len(group.get(name, [])) else zero_factor(template, size)
+                for group, size in zip(groups, sizes)
+            ])
+            for k in range(uses)
+        ]
+    return joined

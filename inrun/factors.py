@@ -44,7 +44,7 @@ class DenseSide:
         """``side @ matrix`` for ``matrix [dim, m]``: ``[n, T, m]``."""
         return self.data @ matrix
 
-    def select(self, rows: Tensor) -> "DenseSide":
+    def select(self, rows: Tensor | slice) -> "DenseSide":
         return DenseSide(self.data[rows])
 
 
@@ -71,7 +71,7 @@ class IndexSide:
         """``onehot(ids) @ matrix`` for ``matrix [size, m]``: a row gather, ``[n, T, m]``."""
         return matrix[self.ids]
 
-    def select(self, rows: Tensor) -> "IndexSide":
+    def select(self, rows: Tensor | slice) -> "IndexSide":
         return IndexSide(self.ids[rows], self.size)
 
 
@@ -81,7 +81,10 @@ Side = Union[DenseSide, IndexSide]
 def side_gram(left: Side, right: Side) -> Tensor:
     """Dot products between every position of every sample of ``left`` and of ``right``: ``[n1, n2, T1, T2]``."""
     if isinstance(left, DenseSide) and isinstance(right, DenseSide):
-        return torch.einsum("itd,jsd->ijts", left.data, right.data)
+        n1, t1, d = left.data.shape
+        n2, t2, _ = right.data.shape
+        flat = left.data.reshape(n1 * t1, d) @ right.data.reshape(n2 * t2, d).T
+        return flat.reshape(n1, t1, n2, t2).permute(0, 2, 1, 3)
     if isinstance(left, IndexSide) and isinstance(right, IndexSide):
         equal = left.ids[:, None, :, None] == right.ids[None, :, None, :]
         return equal.to(torch.get_default_dtype())
@@ -97,7 +100,7 @@ def side_gram(left: Side, right: Side) -> Tensor:
 def side_gram_diagonal(left: Side, right: Side) -> Tensor:
     """Like :func:`side_gram` for the same samples on both sides, keeping only ``i == j``: ``[n, T1, T2]``."""
     if isinstance(left, DenseSide) and isinstance(right, DenseSide):
-        return torch.einsum("itd,isd->its", left.data, right.data)
+        return torch.bmm(left.data, right.data.transpose(1, 2))
     if isinstance(left, IndexSide) and isinstance(right, IndexSide):
         return (left.ids[:, :, None] == right.ids[:, None, :]).to(torch.get_default_dtype())
     if isinstance(left, IndexSide):
@@ -141,14 +144,14 @@ class OuterFactor:
     def numel(self) -> int:
         return self.rows.dim * self.cols.dim
 
-    def select(self, samples: Tensor) -> "OuterFactor":
+    def select(self, samples: Tensor | slice) -> "OuterFactor":
         return OuterFactor(self.rows.select(samples), self.cols.select(samples))
 
     def materialise(self) -> Tensor:
         """The per-sample matrices ``[n, R, C]`` (this is the expensive route; the algebra decides when to take it)."""
         rows, cols = self.rows, self.cols
         if isinstance(rows, DenseSide) and isinstance(cols, DenseSide):
-            return torch.einsum("ntr,ntc->nrc", rows.data, cols.data)
+            return torch.bmm(rows.data.transpose(1, 2), cols.data)
         if isinstance(rows, IndexSide) and isinstance(cols, DenseSide):
             return _scatter_rows(rows.ids, rows.size, cols.data)
         if isinstance(rows, DenseSide) and isinstance(cols, IndexSide):
@@ -164,23 +167,25 @@ class OuterFactor:
         return rows.T @ cols
 
     def dot_fixed(self, matrices: Tensor) -> Tensor:
-        """``<c_i, G_m>`` for fixed matrices ``G [m, R, C]``: ``[n, m]``, one matrix product, no per-sample gradient."""
+        """``<c_i, G_m>`` for fixed matrices ``G [m, R, C]``: ``[n, m]``, one matrix product, no per-sample gradient.
+
+        ``<G, sum_t r_t q_t^T> = sum_t r_t . (G q_t)``: apply ``G`` to the column side (a gather for one-hot ids),
+        then reduce against the row side (a gather when the rows are one-hot).
+        """
         rows, cols = self.rows, self.cols
+        m, r, c = matrices.shape
         if isinstance(rows, IndexSide):
-            # G[m, ids[i, t], :] . cols[i, t]
-            picked = matrices[:, rows.ids]  # [m, n, T, C]
-            return torch.einsum("mntc,ntc->nm", picked, cols.data)
-        if isinstance(cols, IndexSide):
-            picked = matrices[:, :, cols.ids]  # [m, R, n, T]
-            return torch.einsum("mrnt,ntr->nm", picked, rows.data)
-        applied = torch.einsum("ntc,mrc->nmtr", cols.data, matrices)
-        return torch.einsum("nmtr,ntr->nm", applied, rows.data)
+            picked = matrices.permute(1, 0, 2)[rows.ids]  # [n, T, m, C]
+            return (picked * cols.data.unsqueeze(2)).sum(dim=(1, 3))
+        stacked = matrices.reshape(m * r, c)
+        applied = cols.matmul(stacked.T).reshape(self.n, self.length, m, r)  # [n, T, m, R]
+        return (applied * rows.data.unsqueeze(2)).sum(dim=(1, 3))
 
     def project(self, rows_projection: Tensor | None, cols_projection: Tensor | None) -> Tensor:
         """Kronecker projection ``(P_rows (x) P_cols) vec(c_i)``: ``[n, k_rows, k_cols]``; ``None`` keeps a side whole."""
         rows = self._project_side(self.rows, rows_projection)
         cols = self._project_side(self.cols, cols_projection)
-        return torch.einsum("ntr,ntc->nrc", rows, cols)
+        return torch.bmm(rows.transpose(1, 2), cols)
 
     @staticmethod
     def _project_side(side: Side, projection: Tensor | None) -> Tensor:
@@ -205,7 +210,7 @@ class FlatFactor:
     def numel(self) -> int:
         return self.data.shape[1]
 
-    def select(self, samples: Tensor) -> "FlatFactor":
+    def select(self, samples: Tensor | slice) -> "FlatFactor":
         return FlatFactor(self.data[samples])
 
     def materialise(self) -> Tensor:
@@ -243,3 +248,43 @@ def scale_factor(factor: Factor, coefficient: float) -> Factor:
         return OuterFactor(factor.rows, DenseSide(factor.cols.data * coefficient))
     assert isinstance(factor.rows, DenseSide)
     return OuterFactor(DenseSide(factor.rows.data * coefficient), factor.cols)
+
+
+def _pad_positions(side: Side, length: int) -> Side:
+    extra = length - side.length
+    if extra == 0:
+        return side
+    if isinstance(side, DenseSide):
+        return DenseSide(torch.nn.functional.pad(side.data, (0, 0, 0, extra)))
+    return IndexSide(torch.nn.functional.pad(side.ids, (0, extra)), side.size)
+
+
+def concat_factors(factors: list[Factor]) -> Factor:
+    """Stack factors of the same parameter along the sample axis (padding positions with zeros)."""
+    first = factors[0]
+    if isinstance(first, FlatFactor):
+        return FlatFactor(torch.cat([f.data for f in factors]))  # type: ignore[union-attr]
+    length = max(f.length for f in factors)  # type: ignore[union-attr]
+    rows = [_pad_positions(f.rows, length) for f in factors]  # type: ignore[union-attr]
+    cols = [_pad_positions(f.cols, length) for f in factors]  # type: ignore[union-attr]
+    # A padded position must contribute nothing: its dense side is zero, whatever id the other side holds.
+
+    def join(sides: list[Side]) -> Side:
+        if isinstance(sides[0], DenseSide):
+            return DenseSide(torch.cat([s.data for s in sides]))  # type: ignore[union-attr]
+        return IndexSide(torch.cat([s.ids for s in sides]), sides[0].size)  # type: ignore[union-attr]
+
+    return OuterFactor(join(rows), join(cols))
+
+
+def zero_factor(template: Factor, n: int) -> Factor:
+    """A factor like ``template`` for ``n`` samples whose contributions are all zero."""
+    if isinstance(template, FlatFactor):
+        return FlatFactor(template.data.new_zeros(n, template.numel))
+
+    def zero_side(side: Side) -> Side:
+        if isinstance(side, DenseSide):
+            return DenseSide(side.data.new_zeros(n, 1, side.dim))
+        return IndexSide(side.ids.new_zeros(n, 1), side.size)
+
+    return OuterFactor(zero_side(template.rows), zero_side(template.cols))

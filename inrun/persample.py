@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from inrun.algebra import DEFAULT_MEMORY_BUDGET, parameter_dots, parameter_fixed_dots, parameter_squared_norms
 from inrun.capture import GradientCapture
 from inrun.errors import InRunError, LossShapeError
-from inrun.factors import Factor, dense_reference, scale_factor
+from inrun.factors import Factor, FlatFactor, dense_reference, scale_factor
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -107,6 +107,50 @@ class CapturedBatch:
             self.shapes,
         )
 
+    def fixed_dots_and_norms(
+        self, directions: list[tuple[Mapping[str, Tensor], bool]], *, norms: bool = True
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Several :meth:`dot_with` products and :meth:`squared_norms` in one pass over the parameters.
+
+        ``directions``: ``(vectors, stacked)`` pairs as for :meth:`dot_with`. Where a parameter's squared norm is
+        cheapest by materialising its per-sample gradients, the same matrices give every product at the cost of a
+        multiply, and they are dropped before the next parameter: the work and memory of one layer at a time.
+        """
+        results: list[Tensor | None] = [None] * len(directions)
+        total_norms = self._zeros(self.n) if norms else None
+        for name, uses in self.factors.items():
+            dense = None
+            # Materialising one layer costs about one weight-gradient product and then gives the norm and every
+            # product for a multiply each; the Gram route for the norm plus a fixed product per direction costs
+            # more whenever 2 R C <= T^2 (R + C). So materialise single-use layers that fit the memory budget.
+            single = len(uses) == 1 and self.force_route != "gram"
+            if single and directions and uses[0].n * uses[0].numel * 4 <= self.memory_budget:
+                dense = uses[0].materialise().reshape(self.n, -1)
+                self.routes[name] = "flat" if isinstance(uses[0], FlatFactor) else "materialise"
+                if norms:
+                    total_norms = total_norms + (dense * dense).sum(1)
+            elif norms:
+                part, routes = parameter_squared_norms(uses, memory_budget=self.memory_budget, force=self.force_route)
+                self._note_routes(name, routes)
+                total_norms = total_norms + part
+            for k, (vectors, stacked) in enumerate(directions):
+                vector = vectors.get(name)
+                if vector is None:
+                    continue
+                matrices = (vector if stacked else vector.unsqueeze(0)).to(dense_reference(uses[0]).dtype)
+                if dense is not None:
+                    part = dense @ matrices.reshape(matrices.shape[0], -1).T
+                else:
+                    part = parameter_fixed_dots(uses, matrices)
+                results[k] = part if results[k] is None else results[k] + part
+        out = []
+        for (vectors, stacked), result in zip(directions, results):
+            if result is None:
+                m = next(iter(vectors.values())).shape[0] if stacked and vectors else 1
+                result = self._zeros(self.n, m)
+            out.append(result if stacked else result[:, 0])
+        return out, total_norms
+
     def gradient_sums(self) -> dict[str, Tensor]:
         """``sum_i g_i`` per parameter, parameter-shaped: equals ``param.grad`` of the summed loss."""
         return {
@@ -158,8 +202,29 @@ def capture_batch(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, b
     losses = per_sample_losses(model, loss_fn, batch)
     params = list(capture.parameters.values())
     if params:
-        torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        try:
+            torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        except RuntimeError as error:
+            if "reentrant" not in str(error).lower() and ".grad()" not in str(error):
+                raise
+            # Reentrant activation checkpointing refuses autograd.grad: run a real backward and restore param.grad.
+            capture.discard()
+            capture.batch_size = capture.batch_size
+            losses = per_sample_losses(model, loss_fn, batch)
+            _backward_keeping_grads(losses.sum(), params)
     return capture.collect(num_samples=losses.shape[0])
+
+
+def _backward_keeping_grads(loss: Tensor, params: list[Tensor]) -> None:
+    """``loss.backward()`` that leaves every parameter's ``.grad`` exactly as it was."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
 
 
 def grad_dots(

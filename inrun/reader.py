@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .store import IncompatibleStoreError, RankFile, StoreError
+from inrun.store import IncompatibleStoreError, RankFile
 
 NORMALIZATIONS = ("none", "lr", "grad_norm", "count")
 SOURCE_NAMES_PATH = "sources/names"
@@ -79,26 +79,29 @@ def find_rank_files(path: str | Path) -> list[Path]:
 
 def _check_one_run(files: list[RankFile], asked: Path) -> list[RankFile]:
     """Check that ``files`` are exactly the ranks 0..world_size-1 of one run; return them sorted by rank."""
-    ref = min(files, key=lambda f: (f.rank, str(f.path)))
+    groups: dict[tuple[str, int], list[RankFile]] = {}
     for f in files:
-        if f.run_id != ref.run_id or f.world_size != ref.world_size:
-            raise IncompatibleStoreError(
-                f"{f.path} belongs to another run (run_id {f.run_id}, world_size {f.world_size}) than {ref.path} "
-                f"(run_id {ref.run_id}, world_size {ref.world_size}). Move it out of the way, or open one run's "
-                "files by their prefix."
-            )
+        groups.setdefault((f.run_id, f.world_size), []).append(f)
+    (run_id, world_size), members = max(groups.items(), key=lambda item: len(item[1]))  # the run most files share
+    foreign = [f for f in files if f not in members]
+    if foreign:
+        raise IncompatibleStoreError(
+            f"{', '.join(str(f.path) for f in foreign)} belong(s) to another run than {members[0].path} "
+            f"(run_id {run_id}, world_size {world_size}); found run_id {foreign[0].run_id}, world_size "
+            f"{foreign[0].world_size}. Move it out of the way, or open one run's files by their prefix."
+        )
     by_rank: dict[int, RankFile] = {}
     for f in files:
         if f.rank in by_rank:
-            raise IncompatibleStoreError(f"{f.path} and {by_rank[f.rank].path} both hold rank {f.rank} of run {f.run_id}")
+            raise IncompatibleStoreError(f"{f.path} and {by_rank[f.rank].path} both hold rank {f.rank} of run {run_id}")
         by_rank[f.rank] = f
-    missing = [r for r in range(ref.world_size) if r not in by_rank]
+    missing = [r for r in range(world_size) if r not in by_rank]
     if missing:
         raise FileNotFoundError(
-            f"run {ref.run_id} has {ref.world_size} ranks but rank(s) {missing} are missing from {asked} "
+            f"run {run_id} has {world_size} ranks but rank(s) {missing} are missing from {asked} "
             f"(found {[str(f.path) for f in files]}). Pass the folder or prefix that holds every rank's file."
         )
-    return [by_rank[r] for r in range(ref.world_size)]
+    return [by_rank[r] for r in range(world_size)]
 
 
 class Run:
@@ -233,7 +236,8 @@ class Run:
 
     # -- values -----------------------------------------------------------------------------------------------------
 
-    def sample_values(self, order: int = 1, normalize: str = "none", per_val: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def sample_values(self, order: int = 1, normalize: str = "none",
+                      per_val: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Run values per sample id: ``(ids, values)``, ids ascending as in ``sample_ids``.
 
         Each occurrence (every epoch, every rank) counts; records whose value is NaN (not recorded) are left out.
@@ -457,4 +461,4 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
-__all__ = ["open_run", "find_rank_files", "Run", "PhaseValues", "StoreError", "NORMALIZATIONS"]
+__all__ = ["open_run", "find_rank_files", "Run", "PhaseValues", "NORMALIZATIONS"]

@@ -247,7 +247,9 @@ class InRunRecorder:
         ids, sources = self._current
         self._current = None
         try:
-            captured = self.capture.collect(num_samples=ids.shape[0], grad_scale=grad_scale * self.gradient_divisor)
+            captured = self.capture.collect(
+                num_samples=ids.shape[0], grad_scale=grad_scale * self.gradient_divisor, check_finite=False
+            )
         except NonFiniteGradientError as error:
             self._skip_reason = str(error)
             self.capture.discard()
@@ -294,6 +296,9 @@ class InRunRecorder:
             )
         else:
             values = self._unvalued(microbatches)
+        if self.order > 0 and not np.isfinite(values.value_1).all():
+            self._record_skipped(step, lr, "non-finite values (a non-finite layer gradient or validation loss)")
+            return
         if self.projector is not None and step % self.embeddings.every == 0:
             self._add_projections(values, microbatches, terms)
         self._complete_pending(values.val_loss)

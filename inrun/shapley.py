@@ -61,11 +61,6 @@ def _scaled(terms: dict[str, UpdateTerms], vectors: dict[str, Tensor], stacked: 
     return found
 
 
-def _dot_all(microbatches: list[MicroBatch], direction: dict[str, Tensor], stacked: bool = False) -> np.ndarray:
-    parts = [mb.captured.dot_with(direction, stacked=stacked) for mb in microbatches]
-    return torch.cat(parts).detach().double().cpu().numpy()
-
-
 def _update_shifts(terms: dict[str, UpdateTerms], grads: dict[str, Tensor], fraction_of_batch: float) -> dict[str, Tensor]:
     """``Delta_0 + fraction * Delta_B`` per parameter, with ``Delta_B = -D * G``."""
     shifts = {}
@@ -96,7 +91,6 @@ def value_step(
     """
     val_loss, val_grad = validation.gradient(params)
     direction = _scaled(terms, val_grad)
-    value_1 = _dot_all(microbatches, direction)
     direction_norm_sq = float(sum(float((w.double() ** 2).sum()) for w in direction.values()))
 
     base_shift = _update_shifts(terms, grads, 0.0)
@@ -105,18 +99,30 @@ def value_step(
         with shifted_parameters(params, base_shift):
             val_loss_base = validation.loss()
 
-    value_2 = per_val_2 = per_val_1 = None
+    # Every direction the samples' contributions are multiplied with, then one fused pass per micro-batch.
+    directions: list[tuple[dict[str, Tensor], bool]] = [(direction, False)]
     if per_val_point:
-        per_val_1 = _dot_all(microbatches, _scaled(terms, validation.per_point_gradients(), stacked=True), True)
+        directions.append((_scaled(terms, validation.per_point_gradients(), stacked=True), True))
     if second_order:
         with shifted_parameters(params, _update_shifts(terms, grads, 0.5)):
             _, mid_grad = validation.gradient(params)
-            value_2 = _dot_all(microbatches, _scaled(terms, mid_grad))
+            directions.append((_scaled(terms, mid_grad), False))
             if per_val_point:
-                per_val_2 = _dot_all(microbatches, _scaled(terms, validation.per_point_gradients(), True), True)
-
+                directions.append((_scaled(terms, validation.per_point_gradients(), stacked=True), True))
+    columns: list[list[Tensor]] = [[] for _ in directions]
+    norm_parts = []
+    for mb in microbatches:
+        products, norms = mb.captured.fixed_dots_and_norms(directions, norms=record_norms)
+        for column, product in zip(columns, products):
+            column.append(product)
+        norm_parts.append(norms)
+    arrays = [torch.cat(column).detach().double().cpu().numpy() for column in columns]
+    value_1 = arrays.pop(0)
+    per_val_1 = arrays.pop(0) if per_val_point else None
+    value_2 = arrays.pop(0) if second_order else None
+    per_val_2 = arrays.pop(0) if second_order and per_val_point else None
     if record_norms:
-        norms = torch.cat([mb.captured.squared_norms() for mb in microbatches]).detach().double().cpu().numpy()
+        norms = torch.cat(norm_parts).detach().double().cpu().numpy()  # type: ignore[arg-type]
     else:
         norms = np.full(value_1.shape[0], np.nan)
     ids = torch.cat([mb.sample_ids.reshape(-1) for mb in microbatches]).cpu().numpy().astype(np.int64)

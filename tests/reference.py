@@ -66,3 +66,20 @@ def reference_norms(model, loss_fn, batch) -> Tensor:
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def summed_gradients(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any) -> dict[str, Tensor]:
+    """Autograd's gradient of the summed per-sample losses, ``{name: param-shaped}`` (zeros for unused parameters)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss_fn(model, batch).sum(), list(params.values()), allow_unused=True)
+    return {name: torch.zeros_like(p) if g is None else g.detach() for (name, p), g in zip(params.items(), grads)}
+
+
+def reference_dot_with(grads: dict[str, Tensor], vectors: dict[str, Tensor]) -> Tensor:
+    """``<g_i, v_m>`` summed over parameters, for stacked vectors ``{name: [m, *param.shape]}``: ``[n, m]``."""
+    total = None
+    for name, vector in vectors.items():
+        part = grads[name].reshape(grads[name].shape[0], -1) @ vector.reshape(vector.shape[0], -1).T
+        total = part if total is None else total + part
+    assert total is not None
+    return total

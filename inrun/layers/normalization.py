@@ -20,11 +20,16 @@ def _affine_factors(module: nn.Module, normalised: Tensor, grad_output: Tensor, 
     """Sum ``grad * x_hat`` and ``grad`` over every dimension that is neither the sample nor a feature dimension."""
     reduce_dims = [d for d in range(1, grad_output.dim()) if d not in feature_dims]
     n = grad_output.shape[0]
+
+    def reduce(tensor: Tensor) -> Tensor:
+        # ``sum([])`` would reduce over every dimension: inputs without positions ([n, C]) need no reduction.
+        return tensor.sum(reduce_dims) if reduce_dims else tensor
+
     found: dict[str, Factor] = {}
     if getattr(module, "weight", None) is not None:
-        found["weight"] = FlatFactor((grad_output * normalised).sum(reduce_dims).reshape(n, -1))
+        found["weight"] = FlatFactor(reduce(grad_output * normalised).reshape(n, -1))
     if getattr(module, "bias", None) is not None:
-        found["bias"] = FlatFactor(grad_output.sum(reduce_dims).reshape(n, -1))
+        found["bias"] = FlatFactor(reduce(grad_output).reshape(n, -1))
     return found
 
 
