@@ -136,7 +136,9 @@ class InRunCallback(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor):
-            self._step_losses.append(float(loss.detach()))
+            # automatic optimization hands over the loss already divided by accumulate_grad_batches: undo that
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            self._step_losses.append(float(loss.detach()) * scale)
         if self.recorder.next_step != self._noted_step and self._step_losses:  # an optimizer step just happened
             self.recorder.note_train_loss(sum(self._step_losses) / len(self._step_losses))
             self._step_losses, self._noted_step = [], self.recorder.next_step

@@ -227,13 +227,21 @@ class GradientCapture:
         calls, self._calls = self._calls, []
         groups: dict[int, dict[str, list[Factor]]] = {}
         first_module: dict[int, str] = {}
+        single = len({call.micro_batch for call in calls}) <= 1
         for call in calls:
             factors = groups.setdefault(call.micro_batch, {})
             first_module.setdefault(call.micro_batch, call.hooked.name)
             for local, factor in self._factors_of(call, grad_scale, check_finite).items():
                 name = call.hooked.parameters.get(local)
-                if name is not None:  # None: a frozen or unsupported parameter of a hooked module
-                    factors.setdefault(name, []).append(factor)
+                if name is None:  # a frozen or unsupported parameter of a hooked module
+                    continue
+                if single and num_samples is not None and factor.n != num_samples:
+                    raise BatchMismatchError(
+                        f"module '{call.hooked.name}' saw {factor.n} samples but there are {num_samples} losses; "
+                        "inrun needs every layer input to keep the sample dimension first (a model that reshapes "
+                        "[n, T, d] into [n*T, d] before a layer cannot be attributed per sample)"
+                    )
+                factors.setdefault(name, []).append(factor)
         sizes = [_group_size(group) for _, group in sorted(groups.items())]
         total = sum(sizes)
         if num_samples is not None and groups and total != num_samples:
