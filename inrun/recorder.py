@@ -262,17 +262,21 @@ class InRunRecorder:
             self.pending.train_loss = float(loss)
 
     # -- per optimizer step ---------------------------------------------------------------------------------------
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor] | None = None) -> None:
+    def before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor] | None = None, rule: str | None = None
+    ) -> None:
         """Value the step's samples. Call after the last backward of the step, before ``optimizer.step()``.
 
         ``grads``: the full-batch gradient per parameter name; by default ``param.grad`` (unscaled). Gradient norm
         clipping set through ``clip_norm`` is applied to it and to the samples' contributions alike.
+        ``rule``: the update rule when ``optimizer`` is a view rather than a torch optimizer (see ``update_terms``).
         """
         self.start()
         if self.writer is None:
             self._open_store(self._microbatches[0] if self._microbatches else None)
-            warn_if_unknown(optimizer)
-            self.writer.set_config({**self._config(), "update_rule": rule_name(optimizer)})
+            if rule is None:
+                warn_if_unknown(optimizer)
+            self.writer.set_config({**self._config(), "update_rule": rule or rule_name(optimizer)})
         step, microbatches = self.next_step, self._microbatches
         self._microbatches = []
         self.next_step += 1
@@ -288,7 +292,7 @@ class InRunRecorder:
             grads = {name: g * coefficient for name, g in grads.items()}
             for mb in microbatches:
                 mb.captured = mb.captured.scaled(coefficient)
-        terms = update_terms(optimizer, self.params, grads)
+        terms = update_terms(optimizer, self.params, grads, rule=rule)
         if self.order > 0:
             values = value_step(
                 microbatches, terms, grads, self.validation, self.params,

@@ -94,10 +94,15 @@ def _adam_terms(param: Tensor, grad: Tensor, state: dict, group: dict, decoupled
 
 
 def update_terms(
-    optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: dict[str, Tensor]
+    optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: dict[str, Tensor], rule: str | None = None
 ) -> dict[str, UpdateTerms]:
-    """The step's ``UpdateTerms`` for each named parameter that the optimizer updates (call before it steps)."""
-    rule = rule_name(optimizer)
+    """The step's ``UpdateTerms`` for each named parameter that the optimizer updates (call before it steps).
+
+    ``optimizer`` needs only ``param_groups`` (hyper-parameters and the model's parameters) and ``state`` (per
+    parameter, full tensors): an engine that partitions its optimizer (DeepSpeed ZeRO) passes a view with gathered
+    state and names the ``rule`` ("sgd", "adam" or "adamw") itself.
+    """
+    rule = rule or rule_name(optimizer)
     names = {id(p): name for name, p in params.items()}
     found: dict[str, UpdateTerms] = {}
     for group in optimizer.param_groups:
