@@ -41,6 +41,8 @@ class InRunCallback(L.Callback):
         source_key / source_names: optional per-sample source (domain) labels and their names.
         overwrite: replace an existing store; otherwise an existing store is an error unless resuming.
         flush_every: steps buffered between commits to disk.
+        checkpoint_every: save the model every this many steps (and at the end) next to the store, for post-hoc
+            values of test points chosen after training (``run.posthoc_values``).
         wandb: a :class:`inrun.callbacks.WandbInfluenceLogger`, True (log to the trainer's W&B logger) or None.
     """
 
@@ -61,6 +63,7 @@ class InRunCallback(L.Callback):
         allow_unsupported: bool = False,
         overwrite: bool = False,
         flush_every: int = 100,
+        checkpoint_every: int | None = None,
         wandb: Any = None,
     ):
         super().__init__()
@@ -71,7 +74,7 @@ class InRunCallback(L.Callback):
         self.options = dict(
             embeddings=embeddings, per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
             source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
-            overwrite=overwrite, flush_every=flush_every,
+            overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every,
         )
         self.wandb = wandb
         self.recorder: InRunRecorder | None = None

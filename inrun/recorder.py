@@ -49,6 +49,7 @@ STEP_COLUMNS = {
     "sum_value_1": Column(np.float64),
     "sum_value_2": Column(np.float64),
     "direction_norm_sq": Column(np.float64),  # |D * g_V|^2
+    "checkpoint": Column(np.int8, fill=0),  # 1: the model at the start of this step is saved (checkpoint_path)
 }
 
 SHAPLEY_ORDERS = {None: 0, "first": 1, "second": 2}
@@ -113,6 +114,7 @@ class InRunRecorder:
         world_size: int = 1,
         run_id: str | None = None,
         gradient_divisor: float = 1.0,
+        checkpoint_every: int | None = None,
         extra_config: dict | None = None,
     ):
         if shapley not in SHAPLEY_ORDERS:
@@ -134,6 +136,8 @@ class InRunRecorder:
         #: output gradients are divided by this (data-parallel averaging across ranks: the world size)
         self.gradient_divisor = gradient_divisor
         self.extra_config = dict(extra_config or {})
+        #: save the model (parameters theta_t at the start of step t) every this many steps, and the final model
+        self.checkpoint_every = checkpoint_every
         self.capture = GradientCapture(model, allow_unsupported=allow_unsupported)
         self.params = dict(self.capture.parameters)
         self.validation = ValidationSet(val_data, loss_fn, model, self.capture)
@@ -216,6 +220,7 @@ class InRunRecorder:
             "n_val": self.validation.num_points,
             "record_norms": self.record_norms,
             "index_key": self.index_key,
+            "checkpoint_every": self.checkpoint_every,
             "model_class": type(self.model).__name__,
             "inrun_version": __version__,
             "value_sign": "positive = reduced validation loss",
@@ -305,6 +310,8 @@ class InRunRecorder:
             return
         if self.projector is not None and step % self.embeddings.every == 0:
             self._add_projections(values, microbatches, terms)
+        if self.checkpoint_every and step % self.checkpoint_every == 0:
+            values.extras["checkpoint"] = np.int8(self.save_checkpoint(step))
         self._complete_pending(values.val_loss)
         self.pending = PendingStep(step, lr, values)
 
@@ -374,6 +381,8 @@ class InRunRecorder:
             row["sum_value_2"] = float(v.value_2.sum())
             row["residual_2"] = float(v.value_2.sum()) - utility
             records["value_2"] = v.value_2
+        if "checkpoint" in v.extras:
+            row["checkpoint"] = int(v.extras["checkpoint"])
         if "proj_grad" in v.extras:
             records["proj_grad"] = v.extras["proj_grad"]
             row["proj_scale"] = v.extras["proj_scale"]
@@ -389,6 +398,24 @@ class InRunRecorder:
         for listener in self.listeners:
             listener(row, records)
 
+    # -- model checkpoints for post-hoc values -----------------------------------------------------------------------
+    @property
+    def checkpoint_folder(self) -> Path:
+        return checkpoint_folder(self.path)
+
+    def save_checkpoint(self, step: int) -> bool:
+        """Save the model as it is now (theta at the start of ``step``); rank 0 only. Returns whether it saved."""
+        if self.rank != 0:
+            return False
+        folder = self.checkpoint_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu().clone() for name, tensor in self.model.state_dict().items()}
+        target = checkpoint_path(self.path, step)
+        temporary = target.with_suffix(".tmp")
+        torch.save({"step": step, "run_id": self.run_id, "state_dict": state}, temporary)
+        temporary.replace(target)  # atomic: a crash never leaves a half-written checkpoint under the real name
+        return True
+
     # -- ending, checkpoints ---------------------------------------------------------------------------------------
     def flush(self) -> None:
         if self.writer is not None:
@@ -401,6 +428,8 @@ class InRunRecorder:
         try:
             if self.pending is not None and final:
                 self._complete_pending(self.validation.loss())
+            if final and self.checkpoint_every and self.save_checkpoint(self.next_step):
+                self.writer.write_static("checkpoints", attrs={"final_step": self.next_step})
         finally:
             self.writer.close()
             self.writer = None
@@ -418,3 +447,15 @@ class InRunRecorder:
     def load_state_dict(self, state: dict) -> None:
         self._resume_state = dict(state)
         self.run_id = state["run_id"]
+
+
+def checkpoint_folder(store: str | Path) -> Path:
+    """Where a run's model checkpoints go: ``run.h5`` -> ``run.checkpoints/`` (rank suffixes dropped)."""
+    store = Path(store)
+    stem = store.stem.split(".rank")[0]
+    return store.with_name(stem + ".checkpoints")
+
+
+def checkpoint_path(store: str | Path, step: int) -> Path:
+    """The file holding the model at the start of ``step`` (``step`` = number of steps taken: the final model)."""
+    return checkpoint_folder(store) / f"step_{step:08d}.pt"
