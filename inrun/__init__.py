@@ -18,6 +18,7 @@ from inrun.errors import (
 from inrun.layers import register_layer, supported_layer_names
 from inrun.reader import PhaseValues, Run, open_run
 from inrun.recorder import InRunRecorder
+from inrun.store import IncompatibleStoreError, RunWriter, StoreError, StoreIOError, repack
 from inrun.persample import CapturedBatch, capture_batch, grad_dots, grad_norms
 
 __all__ = [
@@ -28,6 +29,11 @@ __all__ = [
     "GradientCapture",
     "InRunError",
     "InRunRecorder",
+    "IncompatibleStoreError",
+    "RunWriter",
+    "StoreError",
+    "StoreIOError",
+    "repack",
     "PhaseValues",
     "Run",
     "LossShapeError",

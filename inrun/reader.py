@@ -174,8 +174,9 @@ class Run:
 
     @property
     def steps(self) -> dict[str, np.ndarray]:
-        """The steps table (from the rank with the most committed steps, normally rank 0), with ``n_samples``
-        summed over ranks. ``row_start`` is left out: it is an offset into one rank's file."""
+        """The run-level steps table: the columns of the rank with the most committed steps (normally rank 0), with
+        ``n_samples`` and every ``sum_*`` column summed over ranks and ``residual_<k>`` made run-level (each file's
+        residual covers only its own rank's values). ``row_start`` is left out: it is an offset into one file."""
         if "steps" not in self._cache:
             self._cache["steps"] = self._merged_steps()
         return dict(self._cache["steps"])
@@ -183,12 +184,19 @@ class Run:
     def _merged_steps(self) -> dict[str, np.ndarray]:
         base = max(self._files, key=lambda f: f.committed_steps)
         table = {name: base.step_column(name) for name in base.step_columns if name != "row_start"}
-        numbers, total = table["step"], np.zeros(len(table["step"]), np.int64)
-        for f in self._files:
-            pos, found = _positions(numbers, f.step_column("step"))
-            np.add.at(total, pos[found], f.step_column("n_samples")[found])
-        table["n_samples"] = total
-        return {name: _read_only(a) for name, a in table.items()}
+        numbers = table["step"]
+        for name in [n for n in table if n == "n_samples" or n.startswith("sum_")]:
+            table[name] = sum(_per_step(numbers, f.step_column(name), f.step_column("step")) for f in self._files)
+        for k in (1, 2):
+            name, values = f"residual_{k}", f"value_{k}"
+            if name in table and values in self.record_columns:
+                others = [f for f in self._files if f is not base]
+                table[name] = table[name] + sum(
+                    (_per_step(numbers, f.record_column(values), f.record_column("step"), skip_nan=True)
+                     for f in others),
+                    np.zeros(len(numbers)),
+                )
+        return {name: _read_only(np.asarray(a)) for name, a in table.items()}
 
     def records(self, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The raw records table of all ranks (rank 0's rows first), as a dict of arrays.
@@ -421,6 +429,17 @@ def _unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return unique.astype(ids.dtype), lookup[ids]
     unique, inverse = np.unique(ids, return_inverse=True)
     return unique, inverse.reshape(-1)
+
+
+def _per_step(numbers: np.ndarray, values: np.ndarray, steps: np.ndarray, skip_nan: bool = False) -> np.ndarray:
+    """Sum of ``values`` per step number in ``numbers`` (sorted); ``steps`` gives each value's step number."""
+    pos, found = _positions(numbers, steps)
+    values = values[found]
+    if skip_nan:
+        values = np.nan_to_num(values)
+    out = np.zeros(len(numbers), dtype=np.result_type(values.dtype, np.int64))
+    np.add.at(out, pos[found], values)
+    return out
 
 
 def _positions(sorted_numbers: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

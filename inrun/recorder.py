@@ -170,7 +170,7 @@ class InRunRecorder:
         self.capture.attach()
         self.validation.gradient(self.params)  # fails early on validation data that does not fit
 
-    def _open_store(self, first: MicroBatch | None) -> None:
+    def _open_store(self, first: MicroBatch | None, update_rule: str) -> None:
         """Create (or resume) the store; the projection layout comes from the first captured micro-batch."""
         record_columns = dict(DEFAULT_RECORD_COLUMNS)
         step_columns = dict(STEP_COLUMNS)
@@ -194,7 +194,8 @@ class InRunRecorder:
             self.pending = PendingStep.from_state(pending) if pending else None
             return
         self.writer = RunWriter(
-            self.path, run_id=self.run_id, rank=self.rank, world_size=self.world_size, config=self._config(),
+            self.path, run_id=self.run_id, rank=self.rank, world_size=self.world_size,
+            config={**self._config(), "update_rule": update_rule},
             coverage=self.capture.coverage.as_dict(), step_columns=step_columns, record_columns=record_columns,
             overwrite=self.overwrite, flush_every=self.flush_every,
         )
@@ -278,10 +279,9 @@ class InRunRecorder:
         """
         self.start()
         if self.writer is None:
-            self._open_store(self._microbatches[0] if self._microbatches else None)
             if rule is None:
                 warn_if_unknown(optimizer)
-            self.writer.set_config({**self._config(), "update_rule": rule or rule_name(optimizer)})
+            self._open_store(self._microbatches[0] if self._microbatches else None, rule or rule_name(optimizer))
         step, microbatches = self.next_step, self._microbatches
         self._microbatches = []
         self.next_step += 1
@@ -289,7 +289,9 @@ class InRunRecorder:
         lr = float(optimizer.param_groups[0]["lr"])
         reason = self._skip_reason or self._non_finite(grads)
         self._skip_reason = None
-        if reason is not None or not microbatches or (self.order == 0 and self.projector is None):
+        if self.order == 0 and self.projector is None:
+            return  # shapley=None without embeddings: nothing to record
+        if reason is not None or not microbatches:
             self._record_skipped(step, lr, reason or "no attributed micro-batches")
             return
         if self.clip_norm is not None:

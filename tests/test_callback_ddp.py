@@ -1,0 +1,194 @@
+"""``InRunCallback`` under Lightning DDP on CPU (gloo, 2 processes): one store file per rank, and the union of the
+ranks' records per step equals a single-process run whose batch is the union of both ranks' batches.
+
+Each rank gets its own deterministic half of every global batch (``use_distributed_sampler=False``, a dataset per
+rank): at step t rank 0 trains on ids 8t..8t+3 and rank 1 on 8t+4..8t+7. DDP averages the two ranks' mean-loss
+gradients, which is the mean over the 8 samples, so a sample's contribution c_i carries 1/world_size and the
+single-process run with batches of 8 (ids 8t..8t+7) takes the same steps with the same c_i.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from tests.test_inrun_values import adamw, loss_fn, make_data, make_mlp, read_store, replay, step_records
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN, RANK_BATCH, WORLD, N_VAL = 32, 4, 2, 5
+GLOBAL_BATCH = RANK_BATCH * WORLD
+N_STEPS = 6  # 1.5 epochs of the 4-step epoch
+X, Y, VAL = make_data(n=N_TRAIN, n_val=N_VAL, seed=3)
+
+
+class IndexedData(Dataset):
+    def __len__(self):
+        return N_TRAIN
+
+    def __getitem__(self, i):
+        return {"x": X[i], "y": Y[i], "index": i}
+
+
+def rank_ids(rank: int) -> list[int]:
+    """The samples of ``rank``, in order: the rank-th quarter-batch of every global batch."""
+    return [i for i in range(N_TRAIN) if (i // RANK_BATCH) % WORLD == rank]
+
+
+def global_ids(t: int) -> np.ndarray:
+    start = (t % (N_TRAIN // GLOBAL_BATCH)) * GLOBAL_BATCH
+    return np.arange(start, start + GLOBAL_BATCH)
+
+
+def lightning_module():
+    """The module class (defined lazily: importing lightning is slow and only the runs need it)."""
+    import lightning as L
+
+    class Net(L.LightningModule):
+        def __init__(self, per_rank: bool):
+            super().__init__()
+            self.net = make_mlp(seed=1)
+            self.per_rank = per_rank
+
+        def per_sample_loss(self, batch):
+            return loss_fn(self.net, batch)
+
+        def training_step(self, batch, batch_idx):
+            return self.per_sample_loss(batch).mean()
+
+        def configure_optimizers(self):
+            return adamw(self.net)
+
+        def train_dataloader(self):
+            if self.per_rank:
+                data = Subset(IndexedData(), rank_ids(self.trainer.global_rank))
+                return DataLoader(data, batch_size=RANK_BATCH, shuffle=False)
+            return DataLoader(IndexedData(), batch_size=GLOBAL_BATCH, shuffle=False)
+
+    return Net
+
+
+def fit(path, per_rank: bool, **trainer_kwargs):
+    import lightning as L
+
+    from inrun.callbacks import InRunCallback
+
+    callback = InRunCallback(path, val_data=VAL, shapley="second", per_val_point=True, overwrite=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_steps=N_STEPS, callbacks=[callback], **trainer_kwargs)
+    trainer.fit(lightning_module()(per_rank=per_rank))
+    return trainer
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+from tests.test_callback_ddp import fit
+trainer = fit(sys.argv[1], per_rank=True, strategy="ddp", devices=2, use_distributed_sampler=False)
+print("rank", trainer.global_rank, "world", trainer.world_size, "steps", trainer.global_step, flush=True)
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(name, None)  # Lightning picks a free port itself
+    proc = subprocess.run([sys.executable, str(script), str(out / "run.h5")], capture_output=True, text=True,
+                          timeout=400, env=env, cwd=out)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert f"world 2 steps {N_STEPS}" in proc.stdout, proc.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_one_store_per_rank(ddp_run):
+    files = sorted(p.name for p in ddp_run.glob("*.h5"))
+    assert files == ["run.rank0.h5", "run.rank1.h5"]
+    for rank in range(WORLD):
+        steps, records = read_store(ddp_run / f"run.rank{rank}.h5")
+        assert list(steps["step"]) == list(range(N_STEPS))
+        for t in range(N_STEPS):  # each rank recorded exactly its own quarter-batch
+            ids = step_records(records, t)["sample_id"]
+            np.testing.assert_array_equal(ids, global_ids(t)[rank * RANK_BATCH:(rank + 1) * RANK_BATCH])
+
+
+@pytest.mark.slow
+def test_union_of_ranks_equals_a_single_process_run(ddp_run, tmp_path):
+    single = tmp_path / "single.h5"
+    fit(single, per_rank=False)
+    s_steps, s_records = read_store(single)
+    ranks = [read_store(ddp_run / f"run.rank{r}.h5") for r in range(WORLD)]
+    assert list(s_steps["step"]) == list(range(N_STEPS))
+    for t in range(N_STEPS):
+        expected = step_records(s_records, t)
+        np.testing.assert_array_equal(expected["sample_id"], global_ids(t))
+        union = {k: np.concatenate([step_records(rec, t)[k] for _, rec in ranks]) for k in expected}
+        order = np.argsort(union["sample_id"])
+        np.testing.assert_array_equal(union["sample_id"][order], expected["sample_id"])
+        for column in ("value_1", "value_2", "grad_norm_sq", "value_1_per_val", "value_2_per_val"):
+            want = expected[column]
+            np.testing.assert_allclose(union[column][order], want, rtol=1e-6 if "per_val" in column else 1e-9,
+                                       atol=1e-6 * np.abs(want).max(), err_msg=f"{column} at step {t}")
+        for rank_steps, _ in ranks:  # the losses of a step are the same on every rank and in the single run
+            for column in ("val_loss", "val_loss_base", "val_loss_after", "lr"):
+                assert rank_steps[column][t] == pytest.approx(s_steps[column][t], rel=1e-9), (column, t)
+
+
+@pytest.mark.slow
+def test_ddp_values_match_an_independent_replay(ddp_run):
+    """The replay knows nothing of ranks: one step per global batch of 8, c_i = grad l_i / 8."""
+    ranks = [read_store(ddp_run / f"run.rank{r}.h5") for r in range(WORLD)]
+    plan = [[torch.as_tensor(global_ids(t))] for t in range(N_STEPS)]
+    reference = replay(make_mlp(seed=1), adamw, plan, X, Y, VAL)
+    for t, ref in enumerate(reference):
+        union = {k: np.concatenate([step_records(rec, t)[k] for _, rec in ranks])
+                 for k in ("sample_id", "value_1", "value_2", "grad_norm_sq")}
+        order = np.argsort(union["sample_id"])
+        np.testing.assert_array_equal(union["sample_id"][order], ref.ids)
+        for column in ("value_1", "value_2", "grad_norm_sq"):
+            want = getattr(ref, column)
+            np.testing.assert_allclose(union[column][order], want, rtol=1e-9, atol=1e-9 * np.abs(want).max(),
+                                       err_msg=f"{column} at step {t}")
+
+
+@pytest.mark.slow
+def test_run_level_efficiency_residual_sums_over_ranks(ddp_run):
+    """The efficiency residual of a step is (values of ALL ranks) - utility; a rank holds only half the values.
+
+    Read through ``inrun.reader.open_run`` (the run-level view): its steps table must give that residual.
+    """
+    reader = pytest.importorskip("inrun.reader")
+    ranks = [read_store(ddp_run / f"run.rank{r}.h5") for r in range(WORLD)]
+    steps0 = ranks[0][0]
+    utility = steps0["val_loss_base"] - steps0["val_loss_after"]
+    with reader.open_run(ddp_run / "run.h5") as run:
+        assert run.world_size == WORLD and run.num_steps == N_STEPS
+        assert run.num_records == N_STEPS * GLOBAL_BATCH
+        steps = run.steps
+        for order in (1, 2):
+            total = sum(np.bincount(rec["step"], weights=rec[f"value_{order}"], minlength=N_STEPS)
+                        for _, rec in ranks)
+            np.testing.assert_allclose(steps[f"sum_value_{order}"], total, rtol=1e-9,
+                                       err_msg=f"run-level sum_value_{order}")
+            np.testing.assert_allclose(steps[f"residual_{order}"], total - utility, rtol=1e-6, atol=1e-12,
+                                       err_msg=f"run-level residual_{order}")
