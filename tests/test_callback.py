@@ -43,12 +43,6 @@ STEPS_PER_EPOCH = N_TRAIN // BATCH
 X, Y, VAL = make_data(n=N_TRAIN, n_val=N_VAL, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ model and data

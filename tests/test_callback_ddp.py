@@ -97,12 +97,6 @@ print("rank", trainer.global_rank, "world", trainer.world_size, "steps", trainer
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

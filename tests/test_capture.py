@@ -21,16 +21,6 @@ from inrun import GradientCapture, capture_batch
 from inrun.factors import DenseSide, FlatFactor, OuterFactor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_tensor_settings():
-    """Tiny tensors gain nothing from intra-op threads (on a busy machine the pool's waiting costs 50x), nor from
-    oneDNN, which builds a kernel for every new input shape."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
 
 
 def mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:

@@ -24,16 +24,6 @@ from inrun import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_tensor_settings():
-    """Tiny tensors gain nothing from intra-op threads (on a busy machine the pool's waiting costs 50x), nor from
-    oneDNN, which builds a kernel for every new input shape."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
 
 
 def output_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -40,16 +40,6 @@ TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 ROUTES = (None, "gram", "materialise")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_tensor_settings():
-    """Tiny tensors gain nothing from intra-op threads (on a busy machine the pool's waiting costs 50x), nor from
-    oneDNN, which builds a kernel for every new input shape."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
 
 
 # -- harness ---------------------------------------------------------------------------------------------------------

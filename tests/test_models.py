@@ -21,16 +21,6 @@ DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_tensor_settings():
-    """Tiny tensors gain nothing from intra-op threads (on a busy machine the pool's waiting costs 50x), nor from
-    oneDNN, which builds a kernel for every new input shape."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
