@@ -399,6 +399,22 @@ class Run:
 
     # -- closing ----------------------------------------------------------------------------------------------------
 
+    # -- answers for test points chosen after training -------------------------------------------------------------
+
+    def trajectory_loo(self, model, loss_fn, test_batch, **options) -> np.ndarray:
+        """Data value embedding estimates of trajectory-specific leave-one-out, ``[n_ids, n_test]`` in the order of
+        ``sample_ids`` (positive = helped); see :func:`inrun.embeddings.trajectory_loo` for the options."""
+        from inrun.embeddings import trajectory_loo
+
+        return trajectory_loo(self, model, loss_fn, test_batch, **options)
+
+    def posthoc_values(self, model, loss_fn, test_batch, **options):
+        """First- and second-order In-Run Shapley values for test points chosen after training (from projected
+        gradients and model checkpoints); see :func:`inrun.posthoc.posthoc_values`."""
+        from inrun.posthoc import posthoc_values
+
+        return posthoc_values(self, model, loss_fn, test_batch, **options)
+
     def close(self) -> None:
         """Close every rank file (the ``Run`` is unusable afterwards)."""
         for f in self._files:
