@@ -1,6 +1,6 @@
 """Framework integrations for inrun (installed as ``inrun.callbacks``; source in the top-level ``callbacks/``)."""
 
 from inrun.callbacks.lightning import InRunCallback
-from inrun.callbacks.wandb_logging import WandbInfluenceLogger
+from inrun.callbacks.wandb_logging import WandbInfluenceLogger, log_posthoc
 
-__all__ = ["InRunCallback", "WandbInfluenceLogger"]
+__all__ = ["InRunCallback", "WandbInfluenceLogger", "log_posthoc"]

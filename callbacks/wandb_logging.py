@@ -134,6 +134,24 @@ class WandbInfluenceLogger:
         }
 
 
+def log_posthoc(run: Any, result: Any, top_k: int = 10) -> None:
+    """Log post-hoc values (:class:`inrun.posthoc.PosthocValues`) to a W&B run: top and bottom samples by summed
+    first-order value, and the per-step curve of both orders, as tables next to the in-run metrics."""
+    import wandb
+
+    summed = result.summed(1)
+    order = np.argsort(summed)
+    rows = lambda picked: [[int(result.sample_ids[i]), float(summed[i]), float(result.summed(2)[i])] for i in picked]  # noqa: E731
+    columns = ["sample_id", "posthoc_value_1", "posthoc_value_2"]
+    steps = [[int(s), float(a), float(b), note] for s, a, b, note in
+             zip(result.steps, result.step_first.sum(1), result.step_second.sum(1), result.approximation)]
+    run.log({
+        f"{PREFIX}/posthoc_top_samples": wandb.Table(columns=columns, data=rows(order[::-1][:top_k])),
+        f"{PREFIX}/posthoc_bottom_samples": wandb.Table(columns=columns, data=rows(order[:top_k])),
+        f"{PREFIX}/posthoc_steps": wandb.Table(columns=["step", "value_1", "value_2", "test gradient at"], data=steps),
+    })
+
+
 def attach_wandb(callback: Any, trainer: Any) -> None:
     """Connect ``callback.wandb`` (True or a :class:`WandbInfluenceLogger`) to the trainer's W&B run on rank 0."""
     logger = callback.wandb if isinstance(callback.wandb, WandbInfluenceLogger) else WandbInfluenceLogger()

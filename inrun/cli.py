@@ -51,6 +51,7 @@ def summary_lines(run: Run, top: int = 5, phase_length: int | None = None) -> li
         ids_bottom, values_bottom = run.bottom_k(top, order=order)
         lines.append(f"top {top} (order {order})     " + ", ".join(f"{i}:{v:+.2e}" for i, v in zip(ids_top, values_top)))
         lines.append(f"bottom {top} (order {order})  " + ", ".join(f"{i}:{v:+.2e}" for i, v in zip(ids_bottom, values_bottom)))
+    lines += posthoc_lines(run, top)
     window = _phase_length(run, phase_length)
     phases = run.phase_values(window=window, order=1, by_source=names is not None)
     header = ["phase start"] + (list(phases.source_names) if phases.source_names else ["value_1"])
@@ -59,6 +60,42 @@ def summary_lines(run: Run, top: int = 5, phase_length: int | None = None) -> li
     table = phases.values if phases.values.ndim == 2 else phases.values[:, None]
     for start, row in zip(phases.phase_starts, table):
         lines.append("  " + f"{int(start):>14}" + "".join(f"{v:>14.3e}" for v in row))
+    return lines
+
+
+def posthoc_path(run: Run) -> Path:
+    """Where ``PosthocValues.save`` results for a run are looked for: ``<run>.posthoc.h5``."""
+    return Path(run.paths[0]).with_suffix(".posthoc.h5")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1]) if a.size > 1 else float("nan")
+
+
+def posthoc_lines(run: Run, top: int) -> list[str]:
+    """Post-hoc values saved next to the run, shown beside the in-run ones."""
+    path = posthoc_path(run)
+    if not path.exists():
+        return []
+    from inrun.posthoc import PosthocValues
+
+    result = PosthocValues.load(path)
+    notes = sorted(set(result.approximation))
+    lines = [f"post-hoc       {result.first.shape[1]} test points from {path.name}; test gradients at: "
+             + ", ".join(notes)]
+    for order in (1, 2):
+        summed = result.summed(order)
+        best, worst = np.argsort(summed)[::-1][:top], np.argsort(summed)[:top]
+        lines.append(f"post-hoc top {top} (order {order})     "
+                     + ", ".join(f"{result.sample_ids[i]}:{summed[i]:+.2e}" for i in best))
+        lines.append(f"post-hoc bottom {top} (order {order})  "
+                     + ", ".join(f"{result.sample_ids[i]}:{summed[i]:+.2e}" for i in worst))
+        if order in _orders(run):
+            ids, in_run = run.sample_values(order=order)
+            if np.array_equal(ids, result.sample_ids):
+                lines.append(f"post-hoc vs in-run (order {order}): Spearman {_spearman(summed, in_run):.3f} "
+                             "(different utilities unless the test points are the validation set)")
     return lines
 
 

@@ -134,3 +134,29 @@ def test_bad_input(exact_run, tmp_path):
         wider = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
         with pytest.raises((EmbeddingsError, CheckpointError), match="0.weight|shape"):
             run.posthoc_values(wider, loss_fn, VAL)
+
+
+def test_report_shows_saved_posthoc_values_and_wandb_logs_them(exact_run):
+    from inrun.cli import posthoc_path, summary_lines
+    from inrun.callbacks import log_posthoc
+
+    path, model = exact_run
+    with inrun.open_run(path) as run:
+        result = run.posthoc_values(model, loss_fn, VAL)
+        result.save(posthoc_path(run))
+        text = "\n".join(summary_lines(run, top=3))
+    best = result.sample_ids[np.argmax(result.summed(1))]
+    assert f"post-hoc top 3 (order 1)     {best}:" in text
+    assert "post-hoc vs in-run (order 1): Spearman 1.000" in text  # test points = validation points here
+
+    class Spy:
+        logged: list = []
+
+        def log(self, metrics):
+            self.logged.append(metrics)
+
+    spy = Spy()
+    log_posthoc(spy, result, top_k=2)
+    top = spy.logged[0]["inrun/posthoc_top_samples"].data
+    assert top[0][0] == best and top[0][1] == pytest.approx(result.summed(1).max())
+    assert len(spy.logged[0]["inrun/posthoc_steps"].data) == result.steps.size
