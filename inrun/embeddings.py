@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from inrun.errors import InRunError
 from inrun.persample import capture_batch
 from inrun.projection import BlockLayout, ProjectionSettings, Projector
 from inrun.reader import Run, open_run
-from inrun.store import LIBVER, SCHEMA_VERSION as STORE_SCHEMA_VERSION, RankFile
+from inrun.store import LIBVER, SCHEMA_VERSION as STORE_SCHEMA_VERSION, RankFile, StoreError
 from inrun.validation import eval_mode
 
 FORMAT = "inrun-dvemb"
@@ -469,8 +468,8 @@ def _open_output(out: Path, identity: dict[str, Any], layout: list[BlockLayout],
         if problems:
             f.close()
             raise EmbeddingsError(
-                f"{out} holds embeddings of another build ({'; '.join(problems)}); pass resume=False to replace it, "
-                "or another out= path"
+                f"{out} holds embeddings of another build ({'; '.join(problems)}); pass resume=False (--restart on "
+                "the command line) to replace it, or another out= path"
             )
         return f
     if out.exists():
@@ -735,9 +734,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--hessian-scale", default="batch", help="'batch' (default) or a number")
     build.add_argument("--restart", action="store_true", help="start over instead of resuming")
     args = parser.parse_args(argv)
-    path = build_embeddings(args.run, args.out, until_step=args.until_step, chunk_steps=args.chunk_steps,
-                            device=args.device, dtype=args.dtype, resume=not args.restart,
-                            hessian_scale=args.hessian_scale if args.hessian_scale == "batch" else float(args.hessian_scale))
+    try:
+        path = build_embeddings(args.run, args.out, until_step=args.until_step, chunk_steps=args.chunk_steps,
+                                device=args.device, dtype=args.dtype, resume=not args.restart,
+                                hessian_scale=args.hessian_scale if args.hessian_scale == "batch" else float(args.hessian_scale))
+    except (InRunError, StoreError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

@@ -183,17 +183,19 @@ class OuterFactor:
 
     def project(self, rows_projection: Tensor | None, cols_projection: Tensor | None) -> Tensor:
         """Kronecker projection ``(P_rows (x) P_cols) vec(c_i)``: ``[n, k_rows, k_cols]``; ``None`` keeps a side whole."""
-        rows = self._project_side(self.rows, rows_projection)
-        cols = self._project_side(self.cols, cols_projection)
+        like = dense_reference(self)
+        rows = self._project_side(self.rows, rows_projection, like)
+        cols = self._project_side(self.cols, cols_projection, like)
         return torch.bmm(rows.transpose(1, 2), cols)
 
     @staticmethod
-    def _project_side(side: Side, projection: Tensor | None) -> Tensor:
+    def _project_side(side: Side, projection: Tensor | None, like: Tensor) -> Tensor:
         if projection is not None:
             return side.matmul(projection.T)
         if isinstance(side, DenseSide):
             return side.data
-        raise ValueError("a one-hot side needs a projection: pass a projection matrix for it")
+        # a one-hot side kept whole (a table no larger than the projection): its one-hot vectors
+        return torch.nn.functional.one_hot(side.ids, side.size).to(like.dtype)
 
 
 @dataclass

@@ -55,12 +55,19 @@ def open_run(path: str | Path) -> "Run":
         raise
 
 
+SIDECAR_MARKERS = (".dvemb.", ".posthoc.")  # files inrun writes next to a run that are not rank stores
+
+
+def _stores_only(files: list[Path]) -> list[Path]:
+    return [f for f in files if not any(marker in f.name for marker in SIDECAR_MARKERS)]
+
+
 def find_rank_files(path: str | Path) -> list[Path]:
     """The store files ``path`` names: itself, the ``*.h5`` files of a folder, or ``<prefix>.rank*.h5`` /
-    ``<prefix>*.h5`` (a trailing ``.h5`` of the prefix is dropped)."""
+    ``<prefix>*.h5`` (a trailing ``.h5`` of the prefix is dropped). Embedding and post-hoc files are skipped."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.h5"))
+        files = _stores_only(sorted(path.glob("*.h5")))
         if not files:
             raise FileNotFoundError(f"no run store (*.h5 files) in folder {path}")
         return files
@@ -69,7 +76,7 @@ def find_rank_files(path: str | Path) -> list[Path]:
     prefix = path.name[: -len(".h5")] if path.name.endswith(".h5") else path.name
     folder = path.parent
     for pattern in (f"{glob.escape(prefix)}.rank*.h5", f"{glob.escape(prefix)}*.h5"):
-        files = sorted(folder.glob(pattern))
+        files = _stores_only(sorted(folder.glob(pattern)))
         if files:
             return files
     raise FileNotFoundError(

@@ -488,7 +488,7 @@ class RunWriter:
         for name, col in self.step_columns.items():
             value = filled[name] if name in filled else step_row.get(name, None)
             if value is None:
-                value = _fill_value(name, col)
+                value = np.full(col.shape, _fill_value(name, col), col.dtype) if col.shape else _fill_value(name, col)
             block[name] = _cast_rows(name, np.asarray(value)[None], col, 1)
         return block
 

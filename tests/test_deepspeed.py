@@ -10,14 +10,15 @@ Data order: at step t, micro-batch m, the global micro-batch holds the ``MICRO *
 the ranks' mean-loss gradients and ``engine.backward`` divides by the accumulation count, so the step equals the
 reference's step over the global micro-batches (mean loss / gas each), and so do the per-sample contributions.
 
-bf16 (``BF16_TOL``): DeepSpeed keeps bf16 parameters, activations and output gradients (fp32 master weights and
-gradient accumulation); the reference is fp32. bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 0.2%); a value is a
-sum of products of a bf16 activation, a bf16 output gradient and a validation gradient computed through bf16 layers,
-evaluated at parameters that themselves drift by bf16 rounding every step, so a relative error of a few 0.1% per
-factor, ~1% per value, is expected; 5% of the step's largest value bounds every value with margin, and the steps
-must correlate (Pearson > 0.995). Adam's first step is left out of the bf16 comparison: with no history its update
-is ~lr * sign(g), so D = lr / (|g| + eps) is huge wherever the batch gradient nearly cancels, and a bf16 rounding
-of such a g moves the per-sample split arbitrarily (both runs still satisfy the efficiency property; checked).
+bf16 (``BF16_TOL``, ``BF16_SUM_TOL``): DeepSpeed keeps bf16 parameters, activations and output gradients (fp32 master
+weights and gradient accumulation); the reference is fp32. bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 0.2%).
+A value is a sum of products of a bf16 activation, a bf16 output gradient and a validation gradient computed through
+bf16 layers, at parameters that drift by bf16 rounding every step: a few 0.2% per factor, so ~1% per value. Measured
+(SGD, and Adam from its third step): at most 0.8% of the step's largest value; the bound is 2% of it, and the values
+must correlate (Pearson > 0.999). Adam's first two steps are compared by their totals only: with little history its
+update is ~lr * g / |g| per coordinate, so D = lr / (sqrt(v_hat) + eps) is huge wherever the batch gradient nearly
+cancels, and bf16 rounding of such a g moves the per-sample split a lot (measured: 150% at step 0, 4% at step 1 with
+4 samples), while the step's total -<g_V, Delta_B> stays well conditioned (measured <= 2.4%; bound 5%).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ N_TRAIN, N_VAL, N_FEATURES, N_CLASSES = 64, 5, 6, 3
 MICRO = 4  # samples per rank per micro-batch
 STEPS = 4
 FP32_TOL = 2e-5  # of the step's largest |value|: fp32 round-off (the ranks' all-reduce sums in another order)
-BF16_TOL = 5e-2
+BF16_TOL = 2e-2  # of the step's largest |value|, per sample (see the module docstring)
+BF16_SUM_TOL = 5e-2  # relative, the step's total over all ranks
 WORKER_TIMEOUT = 300
 
 
@@ -94,6 +96,7 @@ class Case:
     clip: float = 0.0
     persist: bool = False  # ZeRO-3: keep DeepSpeed's default persistence threshold (tiny params stay whole)
     resume: bool = False  # close after 2 steps and go on with a new DeepSpeedInRun from state_dict()
+    lightning: bool = False  # drive InRunCallback's hooks in Lightning's DeepSpeed order (see run_lightning_case)
 
 
 CASES = [
@@ -113,6 +116,8 @@ CASES = [
     Case("z0-sgd-bf16", 0, "sgd", bf16=True),
     Case("z2-adamw-bf16", 2, bf16=True),
     Case("z3-sgd-bf16", 3, "sgd", bf16=True),
+    Case("lightning-z2-adamw-gas2", 2, gas=2, lightning=True),
+    Case("lightning-z3-sgd-gas2", 3, "sgd-momentum", gas=2, lightning=True),
 ]
 BY_NAME = {case.name: case for case in CASES}
 
@@ -144,7 +149,12 @@ def plan(case: Case, world: int) -> list[list[torch.Tensor]]:
 
 
 def reference_store(case: Case, world: int, path: Path) -> Path:
-    """The same run without DeepSpeed: one process, global micro-batches, mean loss / gas, fp32."""
+    """The same run without DeepSpeed: one process, global micro-batches, mean loss / gas, fp32.
+
+    Lightning's DeepSpeed strategy divides the loss by ``accumulate_grad_batches`` and ``engine.backward`` divides
+    it again (NOTES.md): the Lightning cases train on mean loss / gas^2, and so does their reference.
+    """
+    divisor = case.gas**2 if case.lightning else case.gas
     from inrun.recorder import InRunRecorder
 
     model = make_model()
@@ -157,7 +167,7 @@ def reference_store(case: Case, world: int, path: Path) -> Path:
         for ids in micro:
             batch = batch_of(ids)
             recorder.begin_microbatch(batch)
-            (loss_fn(model, batch).mean() / case.gas).backward()
+            (loss_fn(model, batch).mean() / divisor).backward()
             recorder.end_microbatch()
         recorder.before_optimizer_step(optimizer)
         if case.clip:
@@ -206,6 +216,76 @@ def run_case(case: Case, out: Path, rank: int, world: int, *, die_at: int | None
     return inrun_ds
 
 
+def run_lightning_case(case: Case, out: Path, rank: int, world: int) -> None:
+    """``InRunCallback`` under DeepSpeed, its hooks called in the order Lightning's DeepSpeed strategy calls them.
+
+    Lightning refuses DeepSpeed without CUDA, so on CPU the trainer is a stand-in: a real ``DeepSpeedStrategy``
+    subclass (the callback recognises it by type) around a real engine. Per batch, as in Lightning 2.6:
+    ``on_train_batch_start``; the closure (engine forward, loss / accumulate_grad_batches, ``engine.backward``,
+    ``on_after_backward``); ``on_before_optimizer_step`` (on every micro-batch under DeepSpeed); ``engine.step()``;
+    ``on_train_batch_end``. tests/test_lightning_deepspeed_gpu.py runs the real Trainer on a GPU.
+    """
+    import lightning as L
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from inrun.callbacks import InRunCallback
+
+    class Strategy(DeepSpeedStrategy):
+        def __init__(self, engine):  # noqa: D401 -- no parent set-up: it would look for CUDA
+            self._engine = engine
+
+        @property
+        def deepspeed_engine(self):
+            return self._engine
+
+        def broadcast(self, obj, src: int = 0):
+            box = [obj]
+            dist.broadcast_object_list(box, src=src)
+            return box[0]
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def forward(self, x):
+            return self.net(x)
+
+    class Trainer:
+        def __init__(self, engine):
+            self.strategy = Strategy(engine)
+            self.world_size, self.global_rank = world, rank
+            self.accumulate_grad_batches = case.gas
+            self.precision = "32-true"
+            self.ckpt_path = None
+            self.gradient_clip_val, self.gradient_clip_algorithm = None, None
+
+    import deepspeed
+
+    module = Module()
+    optimizer = make_optimizer(case.optimizer, module.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config(case))
+    trainer = Trainer(engine)
+    callback = InRunCallback(out / case.name / "run.h5", val_data=VAL, shapley="second",
+                             loss_fn=lambda m, batch: loss_fn(m.net, batch), overwrite=True)
+    callback.on_fit_start(trainer, module)
+    callback.on_train_start(trainer, module)
+    batch_idx = 0
+    for micro in plan(case, world):
+        for ids in micro:
+            batch = batch_of(ids[rank * MICRO:(rank + 1) * MICRO])
+            callback.on_train_batch_start(trainer, module, batch, batch_idx)
+            loss = loss_fn(engine, batch).mean() / case.gas
+            engine.backward(loss)
+            callback.on_after_backward(trainer, module)
+            callback.on_before_optimizer_step(trainer, module, engine.optimizer)
+            engine.step()
+            callback.on_train_batch_end(trainer, module, {"loss": loss.detach()}, batch, batch_idx)
+            batch_idx += 1
+    callback.on_train_end(trainer, module)
+
+
 def _expect_error(fn) -> str:
     try:
         fn()
@@ -229,7 +309,7 @@ def worker(out: Path, mode: str, foreign_state: str | None) -> None:
         run_case(BY_NAME["z2-adamw"], out, rank, world, die_at=3, flush_every=1)
         return
     for case in CASES:
-        run_case(case, out, rank, world)
+        (run_lightning_case if case.lightning else run_case)(case, out, rank, world)
     # a state to resume from, recorded with this world size
     engine = _engine(BY_NAME["z2-sgd"])
     with DeepSpeedInRun(engine, out / "state-run" / "run.h5", val_data=VAL, loss_fn=loss_fn) as inrun_ds:
@@ -276,7 +356,8 @@ def _env() -> dict:
 
 
 def launch(out: Path, world: int, mode: str = "main", foreign_state: Path | None = None, check: bool = True):
-    script = [str(Path(__file__).resolve()), "--worker", str(out), mode] + ([str(foreign_state)] if foreign_state else [])
+    script = [str(Path(__file__).resolve()), "--worker", str(out), mode]
+    script += [str(foreign_state)] if foreign_state else []
     env = _env()
     if world == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -311,8 +392,8 @@ def references(tmp_path_factory):
     cache: dict = {}
 
     def get(case: Case, world: int) -> Path:
-        fp32 = Case(case.name + "-ref", case.stage, case.optimizer, case.gas, clip=case.clip)
-        key = (fp32.optimizer, fp32.gas, fp32.clip, world)
+        fp32 = Case(case.name + "-ref", case.stage, case.optimizer, case.gas, clip=case.clip, lightning=case.lightning)
+        key = (fp32.optimizer, fp32.gas, fp32.clip, fp32.lightning, world)
         if key not in cache:
             cache[key] = reference_store(fp32, world, folder / f"ref-{len(cache)}.h5")
         return cache[key]
@@ -349,23 +430,26 @@ def compare(case: Case, world: int, out: Path, reference: Path) -> dict[str, flo
     worst = {"value_1": 0.0, "value_2": 0.0}
     for steps, _ in ranks:
         assert list(steps["step"]) == list(range(STEPS)) and not steps["skipped"].any()
-    first = 1 if case.bf16 and case.optimizer == "adamw" else 0
+    first = 2 if case.bf16 and case.optimizer == "adamw" else 0  # see the module docstring
     for t in range(STEPS):
         got = union_of_step(ranks, t)
         want = step_records(ref_records, t)
         order = np.argsort(want["sample_id"], kind="stable")
         want = {k: v[order] for k, v in want.items()}
         np.testing.assert_array_equal(got["sample_id"], want["sample_id"], err_msg=f"{case.name} step {t}")
-        if t < first:
-            continue
         for column in ("value_1", "value_2"):
+            if case.bf16:
+                total, expected = got[column].sum(), want[column].sum()
+                assert abs(total - expected) <= BF16_SUM_TOL * abs(expected), (case.name, world, column, t)
+            if t < first:
+                continue
             scale = np.abs(want[column]).max()
             error = np.abs(got[column] - want[column]).max() / scale
             worst[column] = max(worst[column], error)
             tol = BF16_TOL if case.bf16 else FP32_TOL
             assert error <= tol, f"{case.name} (world {world}) {column} step {t}: relative error {error:.2e} > {tol}"
             if case.bf16:
-                assert np.corrcoef(got[column], want[column])[0, 1] > 0.995, (case.name, column, t)
+                assert np.corrcoef(got[column], want[column])[0, 1] > 0.999, (case.name, column, t)
         if not case.bf16:
             np.testing.assert_allclose(got["grad_norm_sq"], want["grad_norm_sq"], rtol=1e-4, err_msg=case.name)
     for steps, _ in ranks:  # every rank evaluates the same validation losses
@@ -397,17 +481,6 @@ def test_two_processes_match_plain_pytorch(two_processes, references, case):
 def test_bf16_close_to_fp32(one_process, two_processes, references, case, world):
     out = one_process if world == 1 else two_processes
     compare(case, world, out, references(case, world))
-
-
-@pytest.mark.slow
-def test_bf16_adam_first_step_still_satisfies_efficiency(two_processes):
-    """Adam's first step is left out of the bf16 comparison; its values still add up to the utility change."""
-    import inrun
-
-    with inrun.open_run(two_processes / "z2-adamw-bf16") as run:
-        steps = run.steps
-        utility = steps["val_loss_base"] - steps["val_loss_after"]
-        assert abs(steps["residual_2"][0]) < 0.05 * abs(utility[0])
 
 
 @pytest.mark.slow
