@@ -109,15 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
             options = CONFIGS[name]
             results[name] = measure(lambda: fit_once(args, shape, data, val, options, Path(folder)), device,
                                     repeats=args.repeats)
-    base = results["plain"]
-    rows = []
-    for name, m in results.items():
-        rows.append([name, f"{m.wall_s:.2f}", f"{m.cpu_s:.2f}", f"{m.wall_s / base.wall_s:.2f}x",
-                     f"{m.cpu_s / base.cpu_s:.2f}x", format_bytes(m.peak_bytes)])
-    print(render_table(["configuration", "fit wall s", "fit cpu s", "wall ratio", "cpu ratio", "peak memory"], rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": {k: v.as_dict() for k, v in results.items()}}
     args.out.write_text(json.dumps(payload, indent=2))
+    base = results["plain"]
+    rows = []
+    for name, m in results.items():
+        rows.append([name, f"{m.seconds:.2f}", f"{m.cpu_seconds:.2f}", f"{m.seconds / base.seconds:.2f}x",
+                     f"{m.cpu_seconds / base.cpu_seconds:.2f}x", format_bytes(m.peak_bytes)])
+    print(render_table(["configuration", "fit wall s", "fit cpu s", "wall ratio", "cpu ratio", "peak memory"], rows))
     return payload
 
 

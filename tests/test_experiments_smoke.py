@@ -1,0 +1,70 @@
+"""Smoke tests: the main job and the benchmarks run end to end at a tiny size (their figures are not checked here;
+benchmarks print ratios measured side by side, see experiments/)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+
+import inrun
+
+
+def test_main_job_tiny(tmp_path):
+    from experiments import main_job
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(f"""
+[data]
+seq_len = 16
+val_samples = 4
+seed = 0
+corruption = "random"
+[data.samples_per_source]
+docs = 16
+code = 16
+licence = 8
+corrupted = 16
+[model]
+n_layer = 1
+n_head = 2
+d_model = 16
+[train]
+optimizer = "adamw"
+lr = 3e-3
+batch_size = 8
+epochs = 1
+seed = 0
+[inrun]
+output = "{tmp_path / 'run.h5'}"
+shapley = "second"
+phase_length = 2
+wandb = false
+""")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_job.main(["--config", str(config), "--steps", "3"])
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+    with inrun.open_run(tmp_path / "run.h5") as run:
+        assert run.num_steps == 3 and run.source_names == ["docs", "code", "licence", "corrupted"]
+        assert np.isfinite(run.sample_values(order=2)[1]).all()
+
+
+def test_bench_inrun_tiny(tmp_path):
+    from experiments import bench_inrun
+
+    out = tmp_path / "bench.json"
+    bench_inrun.main(["--steps", "1", "--seq-len", "8", "--batch", "8", "--layers", "1", "--vocab", "64",
+                      "--repeats", "1", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == set(bench_inrun.CONFIGS) and all(r["seconds"] > 0 for r in results.values())
+
+
+def test_bench_engine_tiny(tmp_path):
+    from experiments import bench_engine
+
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--seq-lens", "16", "--layers", "1", "--vocab", "64", "--batch", "2", "--val-batch", "1",
+                       "--repeats", "1", "--threads", "1", "--out", str(out)])
+    assert out.exists()
