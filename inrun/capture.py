@@ -132,6 +132,9 @@ class GradientCapture:
         self._batch_size: int | None = None
         self._micro_batch = 0
         self._gradient_arrived = False
+        #: when True, the outputs of hooked calls are kept (see :meth:`take_outputs`)
+        self.keep_outputs = False
+        self._outputs: list[tuple[Tensor, int]] = []
         self._calls: list[LayerCall] = []
         self._handles: list = []
 
@@ -201,6 +204,8 @@ class GradientCapture:
                 self._calls.append(LayerCall(entry, inputs, grad.detach(), micro_batch))
 
             output.register_hook(on_grad)
+            if self.keep_outputs and not _inside_backward():
+                self._outputs.append((output, output._version))
             return output if broadcast else None
 
         return hook
@@ -213,6 +218,16 @@ class GradientCapture:
     def discard(self) -> None:
         """Drop recorded calls (for example after a backward pass that should not be attributed)."""
         self._calls.clear()
+        self._outputs.clear()
+
+    def take_outputs(self) -> list[Tensor] | None:
+        """The outputs of the hooked calls since the last take (kept while ``keep_outputs``): differentiating the
+        loss with respect to these alone fires every hook without computing any weight gradient. None when an
+        output was modified in place afterwards (``ReLU(inplace=True)``): its gradient would be the wrong one."""
+        outputs, self._outputs = self._outputs, []
+        if any(output._version != version for output, version in outputs):
+            return None
+        return [output for output, _ in outputs]
 
     def collect(self, num_samples: int | None = None, *, grad_scale: float = 1.0, check_finite: bool = True):
         """Turn the calls recorded since the last collect into per-sample factors.
@@ -259,7 +274,7 @@ class GradientCapture:
     @staticmethod
     def _factors_of(call: LayerCall, grad_scale: float, check_finite: bool) -> dict[str, Factor]:
         grad = call.grad_output
-        if check_finite and not bool(torch.isfinite(grad).all()):
+        if check_finite and not bool(torch.isfinite(grad.sum())):  # any NaN/inf makes the sum non-finite
             raise NonFiniteGradientError(
                 f"the output gradient of module '{call.hooked.name}' ({type(call.hooked.module).__name__}) holds NaN "
                 "or infinity; check the loss for overflow (lower the learning rate, use loss scaling or bf16)"

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from inrun.algebra import DEFAULT_MEMORY_BUDGET, parameter_dots, parameter_fixed_dots, parameter_squared_norms
 from inrun.capture import GradientCapture
 from inrun.errors import InRunError, LossShapeError
-from inrun.factors import Factor, FlatFactor, dense_reference, scale_factor
+from inrun.factors import Factor, FlatFactor, IndexSide, OuterFactor, dense_reference, scale_factor
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -123,7 +123,7 @@ class CapturedBatch:
             # Materialising one layer costs about one weight-gradient product and then gives the norm and every
             # product for a multiply each; the Gram route for the norm plus a fixed product per direction costs
             # more whenever 2 R C <= T^2 (R + C). So materialise single-use layers that fit the memory budget.
-            single = len(uses) == 1 and self.force_route != "gram"
+            single = len(uses) == 1 and self.force_route != "gram" and not _has_index_side(uses[0])
             if single and directions and uses[0].n * uses[0].numel * 4 <= self.memory_budget:
                 dense = uses[0].materialise().reshape(self.n, -1)
                 self.routes[name] = "flat" if isinstance(uses[0], FlatFactor) else "materialise"
@@ -166,6 +166,11 @@ class CapturedBatch:
         }
 
 
+def _has_index_side(factor: Factor) -> bool:
+    """One-hot sides (embedding tables): their products are gathers; materialising writes a mostly-zero table."""
+    return isinstance(factor, OuterFactor) and (isinstance(factor.rows, IndexSide) or isinstance(factor.cols, IndexSide))
+
+
 def per_sample_losses(model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
     """Call ``loss_fn(model, batch)`` and check that it returned one differentiable loss per sample."""
     losses = loss_fn(model, batch)
@@ -199,11 +204,19 @@ def capture_batch(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, b
     """Forward and backward one batch under ``capture`` without touching ``param.grad``; return its factors."""
     capture.discard()
     capture.batch_size = infer_batch_size(batch)
-    losses = per_sample_losses(model, loss_fn, batch)
+    capture.keep_outputs = True
+    try:
+        losses = per_sample_losses(model, loss_fn, batch)
+    finally:
+        capture.keep_outputs = False
+    outputs = capture.take_outputs()
     params = list(capture.parameters.values())
-    if params:
+    # Only the hooked layers' output gradients are needed, so differentiate down to the outputs (no weight gradient
+    # is computed); after an in-place change of an output, differentiate down to the parameters instead.
+    targets = outputs if outputs is not None else params
+    if targets:
         try:
-            torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            torch.autograd.grad(losses.sum(), targets, allow_unused=True)
         except RuntimeError as error:
             if "reentrant" not in str(error).lower() and ".grad()" not in str(error):
                 raise
