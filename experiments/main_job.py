@@ -1,8 +1,10 @@
 """The main job: train a small GPT on a multi-source corpus of text shipped with Python, with In-Run Data Shapley.
 
-One source is deliberately corrupted (its characters shuffled). The callback values every training sample at every
-optimizer step against clean validation text, logs to W&B (offline), and the job ends with ``inrun report``: the
-corrupted source should come out with the lowest values.
+One source is deliberately corrupted (random characters). The callback values every training sample at every
+optimizer step against clean validation text, records projected gradients and model checkpoints, and logs to W&B
+(offline). After training, test windows chosen then (held-out clean text) get post-hoc In-Run Shapley values and a
+data-value-embedding phase curve, and the job ends with ``inrun report``: the corrupted source should come out with
+the lowest values.
 
     .venv/bin/python -m experiments.main_job [--config configs/main.toml] [--steps N]
 """
@@ -65,6 +67,7 @@ def train(config: dict, max_steps: int | None) -> Path:
         loggers.append(wandb_logger)
     callback = InRunCallback(
         output, val_data=val_batch, shapley=inrun_cfg["shapley"], source_names=corpus.source_names, overwrite=True,
+        embeddings=inrun_cfg.get("embeddings", False), checkpoint_every=inrun_cfg.get("checkpoint_every"),
         wandb=WandbInfluenceLogger(phase_length=inrun_cfg["phase_length"], source_names=corpus.source_names)
         if wandb_logger is not None else None,
     )
@@ -75,10 +78,33 @@ def train(config: dict, max_steps: int | None) -> Path:
     started = time.perf_counter()
     trainer.fit(module, loader)
     print(f"[main] trained {trainer.global_step} steps in {time.perf_counter() - started:.1f} s; store: {output}")
+    if inrun_cfg.get("embeddings") and inrun_cfg.get("checkpoint_every"):
+        after_training(output, module, corpus, wandb_logger)
     if wandb_logger is not None:
         print(f"[main] W&B offline run: {wandb_logger.experiment.dir}")
         wandb_logger.experiment.finish()
     return output
+
+
+def after_training(path: Path, module: TinyGPTModule, corpus, wandb_logger) -> None:
+    """Answers for test points chosen after training: post-hoc In-Run Shapley values and the DVEmb phase curve."""
+    from inrun.callbacks import log_posthoc
+    from inrun.cli import posthoc_path
+    from inrun.embeddings import step_influence
+
+    test = collate_samples([corpus.val[i] for i in range(0, len(corpus.val), 4)])  # held-out clean windows
+
+    def loss_fn(model, batch):
+        return model.per_sample_loss(batch)
+
+    with inrun.open_run(path) as run:
+        result = run.posthoc_values(module, loss_fn, test)
+        result.save(posthoc_path(run))
+        step_influence(run, module, loss_fn, test, progress=False, save=True)
+    print(f"[main] post-hoc values for {result.first.shape[1]} test windows, and the DVEmb phase curve, saved next "
+          "to the store")
+    if wandb_logger is not None:
+        log_posthoc(wandb_logger.experiment, result)
 
 
 def verdict(path: Path) -> bool:

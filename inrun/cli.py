@@ -52,6 +52,12 @@ def summary_lines(run: Run, top: int = 5, phase_length: int | None = None) -> li
         lines.append(f"top {top} (order {order})     " + ", ".join(f"{i}:{v:+.2e}" for i, v in zip(ids_top, values_top)))
         lines.append(f"bottom {top} (order {order})  " + ", ".join(f"{i}:{v:+.2e}" for i, v in zip(ids_bottom, values_bottom)))
     lines += posthoc_lines(run, top)
+    influence = Path(run.paths[0]).with_suffix(".influence.npz")
+    if influence.exists():
+        curve = np.load(influence)
+        thirds = np.array_split(curve["values"], 3) if curve["values"].size >= 3 else [curve["values"]]
+        lines.append("DVEmb influence per step (lr divided out), mean over early / middle / late thirds: "
+                     + ", ".join(f"{part.mean():+.3e}" for part in thirds))
     window = _phase_length(run, phase_length)
     phases = run.phase_values(window=window, order=1, by_source=names is not None)
     header = ["phase start"] + (list(phases.source_names) if phases.source_names else ["value_1"])
@@ -109,7 +115,9 @@ def plot(run: Run, png: Path, phase_length: int | None = None) -> Path:
     window = _phase_length(run, phase_length)
     by_source = run.source_names is not None
     orders = _orders(run)
-    fig, axes = plt.subplots(1, len(orders) + 1, figsize=(5.5 * (len(orders) + 1), 4), squeeze=False)
+    influence = Path(run.paths[0]).with_suffix(".influence.npz")
+    panels = len(orders) + 1 + int(influence.exists())
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     for ax, order in zip(axes[0], orders):
         phases = run.phase_values(window=window, order=order, by_source=by_source)
         table = phases.values if phases.values.ndim == 2 else phases.values[:, None]
@@ -125,6 +133,14 @@ def plot(run: Run, png: Path, phase_length: int | None = None) -> Path:
         ax.set_xlabel(f"optimizer step (phases of {window})")
         ax.set_ylabel("value (validation loss reduction)")
         ax.legend(fontsize=8)
+    if influence.exists():
+        curve = np.load(influence)
+        ax = axes[0][len(orders)]
+        ax.plot(curve["steps"], curve["values"], color="tab:purple")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title("data value embeddings: mean influence per step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("influence on test loss / learning rate")
     ax = axes[0][-1]
     steps = run.steps
     ax.plot(steps["step"], steps["val_loss"], label="validation loss")

@@ -682,15 +682,29 @@ def trajectory_loo(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any,
         return np.concatenate([block @ test.T for _, block in emb.iter_rows("sums")])
 
 
+def influence_path(run: Run) -> Path:
+    """Where :func:`step_influence` saves its curve for ``inrun report``: ``<run>.influence.npz``."""
+    return Path(run.paths[0]).with_suffix(".influence.npz")
+
+
 def step_influence(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, *,
                    embeddings: "str | Path | None" = None, build: bool = True,
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   progress: bool = True, save: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per step, the mean embedding-based influence of the step's batch on the mean test loss, with the step size
     divided out: ``mean_{z in B_s} sum_b <P_b g_test, emb_b(z)> / eta_{s,b}`` (ALGORITHMS.md, DVEmb section).
 
     Returns ``(steps, values)``: step numbers ascending (steps with recorded embeddings) and their values.
-    Positive = the step's data reduced the final test loss. Plot against the step to see the training phases.
+    Positive = the step's data reduced the final test loss. Plot against the step to see the training phases;
+    with ``save=True`` the curve is also written to :func:`influence_path`, and ``inrun report`` plots it.
     """
+    steps, values = _step_influence(run, model, loss_fn, test_batch, embeddings, build, progress)
+    if save:
+        np.savez(influence_path(run), steps=steps, values=values)
+    return steps, values
+
+
+def _step_influence(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, embeddings: "str | Path | None",
+                    build: bool, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     test = project_test_gradients(run, model, loss_fn, test_batch).mean(axis=0)
     with open_embeddings(run, embeddings, build=build, progress=progress) as emb:
         record = _RunRecord(run)

@@ -41,11 +41,14 @@ output = "{tmp_path / 'run.h5'}"
 shapley = "second"
 phase_length = 2
 wandb = false
+embeddings = {{ k_rows = 4, k_cols = 4 }}
+checkpoint_every = 2
 """)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main_job.main(["--config", str(config), "--steps", "3"])
     assert (tmp_path / "run.png").stat().st_size > 10_000
+    assert (tmp_path / "run.posthoc.h5").exists() and (tmp_path / "run.influence.npz").exists()
     with inrun.open_run(tmp_path / "run.h5") as run:
         assert run.num_steps == 3 and run.source_names == ["docs", "code", "licence", "corrupted"]
         assert np.isfinite(run.sample_values(order=2)[1]).all()
