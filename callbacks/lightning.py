@@ -9,6 +9,7 @@ strategy, so the store is opened there.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +82,7 @@ class InRunCallback(L.Callback):
         self._restored: dict | None = None
         self._step_losses: list[float] = []
         self._noted_step = 0
+        self._deepspeed = None  # a DeepSpeedAdapter under Lightning's DeepSpeedStrategy
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -94,16 +96,21 @@ class InRunCallback(L.Callback):
             loss_fn = _module_loss
         run_id = trainer.strategy.broadcast(new_run_id() if self._restored is None else self._restored["run_id"])
         world = trainer.world_size
-        self.recorder = InRunRecorder(
-            pl_module, self.path, val_data=self.val_data, loss_fn=loss_fn, shapley=self.shapley,
-            rank=trainer.global_rank, world_size=world, run_id=run_id,
-            gradient_divisor=float(world) if world > 1 else 1.0,
-            extra_config={"framework": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                          "world_size": world, "precision": str(trainer.precision)},
-            **self.options,
-        )
+        self._deepspeed = _deepspeed_adapter(trainer)
+        extra = {"framework": "lightning", "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                 "world_size": world, "precision": str(trainer.precision)}
+        if self._deepspeed is not None:
+            extra.update({**self._deepspeed.config(), "strategy": "deepspeed"})
+        with self._gathered():  # ZeRO-3: full parameter shapes for the coverage count
+            self.recorder = InRunRecorder(
+                pl_module, self.path, val_data=self.val_data, loss_fn=loss_fn, shapley=self.shapley,
+                rank=trainer.global_rank, world_size=world, run_id=run_id,
+                gradient_divisor=float(world) if world > 1 else 1.0, extra_config=extra, **self.options,
+            )
         self.recorder.check_output_path(resuming=trainer.ckpt_path is not None or self._restored is not None)
         self._configure_clipping(trainer)
+        if self._deepspeed is not None:
+            self._deepspeed.prepare(self.recorder)  # ZeRO-3 shapes; DeepSpeed's own gradient clipping
         if self.wandb is not None and trainer.global_rank == 0:
             from inrun.callbacks.wandb_logging import attach_wandb
 
@@ -124,16 +131,23 @@ class InRunCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored is not None:
             self.recorder.load_state_dict(self._restored)
-        self.recorder.start(device=pl_module.device)
+        with self._gathered():
+            self.recorder.start(device=pl_module.device)
 
     # -- per micro-batch / step -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self.recorder.begin_microbatch(batch)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.recorder.end_microbatch(grad_scale=_loss_scale(trainer))
+        scale = self._deepspeed.loss_scale() if self._deepspeed is not None else _loss_scale(trainer)
+        self.recorder.end_microbatch(grad_scale=scale)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self._deepspeed is not None:
+            # fires on every micro-batch under DeepSpeed: values the step at the accumulation boundary only, from
+            # DeepSpeed's full gradients and optimizer state (param.grad is None under ZeRO)
+            self._deepspeed.value_step(self.recorder)
+            return
         self.recorder.before_optimizer_step(optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
@@ -149,7 +163,8 @@ class InRunCallback(L.Callback):
     # -- ending -----------------------------------------------------------------------------------------------------
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.recorder is not None:
-            self.recorder.close(final=True)
+            with self._gathered():
+                self.recorder.close(final=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.recorder is not None and self.recorder.writer is not None:
@@ -169,6 +184,23 @@ class InRunCallback(L.Callback):
         self._restored = dict(state_dict)
         if self.recorder is not None and self.recorder.writer is None:
             self.recorder.load_state_dict(self._restored)
+
+    def _gathered(self):
+        """Under DeepSpeed ZeRO-3: the model's parameters full-shaped inside the block (collective)."""
+        return self._deepspeed.gathered() if self._deepspeed is not None else nullcontext()
+
+
+def _deepspeed_adapter(trainer: L.Trainer):
+    """A ``DeepSpeedAdapter`` of the trainer's engine under Lightning's ``DeepSpeedStrategy``, else None."""
+    try:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(trainer.strategy, DeepSpeedStrategy):
+        return None
+    from inrun.callbacks.deepspeed import DeepSpeedAdapter
+
+    return DeepSpeedAdapter(trainer.strategy.deepspeed_engine)
 
 
 def _loss_scale(trainer: L.Trainer) -> float:

@@ -88,9 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier CPU times)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_inrun.json"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -78,12 +78,19 @@ def batch_of(ids: torch.Tensor) -> dict:
     return {"x": X[ids], "y": Y[ids], "index": ids}
 
 
+ADAMW = {"lr": 0.01, "weight_decay": 0.1}
+
+
 def make_optimizer(kind: str, params):
+    """The torch optimizer of a case (``fused-adamw``: DeepSpeed builds its FusedAdam from the config; the reference
+    uses torch's AdamW with the same hyper-parameters)."""
     if kind == "sgd":
         return torch.optim.SGD(params, lr=0.3)
     if kind == "sgd-momentum":
         return torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=0.05)
-    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    if kind == "adam-l2":
+        return torch.optim.Adam(params, lr=0.01, weight_decay=0.05)
+    return torch.optim.AdamW(params, **ADAMW)
 
 
 @dataclass(frozen=True)
@@ -104,8 +111,10 @@ CASES = [
     Case("z0-adamw", 0),
     Case("z1-sgd", 1, "sgd-momentum"),
     Case("z1-adamw", 1),
+    Case("z1-adam-l2", 1, "adam-l2"),
     Case("z2-sgd", 2, "sgd"),
     Case("z2-adamw", 2),
+    Case("z2-fused-adamw", 2, "fused-adamw"),
     Case("z3-sgd", 3, "sgd-momentum"),
     Case("z3-adamw", 3),
     Case("z3-adamw-persistent", 3, persist=True),
@@ -126,7 +135,7 @@ def ds_config(case: Case) -> dict:
     zero = {"stage": case.stage}
     if case.stage == 3 and not case.persist:
         zero["stage3_param_persistence_threshold"] = 0  # every parameter really partitioned
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": case.gas,
         "gradient_clipping": case.clip,  # DeepSpeed's default is 1.0
@@ -136,6 +145,9 @@ def ds_config(case: Case) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if case.optimizer == "fused-adamw":
+        config["optimizer"] = {"type": "AdamW", "params": ADAMW}
+    return config
 
 
 def plan(case: Case, world: int) -> list[list[torch.Tensor]]:
@@ -185,8 +197,13 @@ def _engine(case: Case):
     import deepspeed
 
     model = make_model()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(case.optimizer, model.parameters()),
-                                           config=ds_config(case))
+    config = ds_config(case)
+    if "optimizer" in config:  # DeepSpeed builds it (FusedAdam, adam_w_mode=True)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        assert type(engine.basic_optimizer).__name__ == "FusedAdam"
+    else:
+        optimizer = make_optimizer(case.optimizer, model.parameters())
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
 
@@ -393,7 +410,7 @@ def references(tmp_path_factory):
 
     def get(case: Case, world: int) -> Path:
         fp32 = Case(case.name + "-ref", case.stage, case.optimizer, case.gas, clip=case.clip, lightning=case.lightning)
-        key = (fp32.optimizer, fp32.gas, fp32.clip, fp32.lightning, world)
+        key = (fp32.optimizer.replace("fused-", ""), fp32.gas, fp32.clip, fp32.lightning, world)
         if key not in cache:
             cache[key] = reference_store(fp32, world, folder / f"ref-{len(cache)}.h5")
         return cache[key]
