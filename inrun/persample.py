@@ -128,7 +128,7 @@ class CapturedBatch:
                 dense = uses[0].materialise().reshape(self.n, -1)
                 self.routes[name] = "flat" if isinstance(uses[0], FlatFactor) else "materialise"
                 if norms:
-                    total_norms = total_norms + (dense * dense).sum(1)
+                    total_norms = total_norms + torch.einsum("np,np->n", dense, dense)
             elif norms:
                 part, routes = parameter_squared_norms(uses, memory_budget=self.memory_budget, force=self.force_route)
                 self._note_routes(name, routes)

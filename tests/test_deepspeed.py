@@ -10,6 +10,10 @@ Data order: at step t, micro-batch m, the global micro-batch holds the ``MICRO *
 the ranks' mean-loss gradients and ``engine.backward`` divides by the accumulation count, so the step equals the
 reference's step over the global micro-batches (mean loss / gas each), and so do the per-sample contributions.
 
+fp32 (``FP32_TOL``): in one process every ZeRO stage gives the reference's values bit for bit (gradient clipping:
+1e-7, DeepSpeed's FusedAdam: 4e-6 of the step's largest value); with two processes the all-reduce adds the ranks'
+gradients in another order, measured at most 4.3e-6 of the step's largest value; the bound is 2e-5.
+
 bf16 (``BF16_TOL``, ``BF16_SUM_TOL``): DeepSpeed keeps bf16 parameters, activations and output gradients (fp32 master
 weights and gradient accumulation); the reference is fp32. bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 0.2%).
 A value is a sum of products of a bf16 activation, a bf16 output gradient and a validation gradient computed through
@@ -104,6 +108,10 @@ class Case:
     persist: bool = False  # ZeRO-3: keep DeepSpeed's default persistence threshold (tiny params stay whole)
     resume: bool = False  # close after 2 steps and go on with a new DeepSpeedInRun from state_dict()
     lightning: bool = False  # drive InRunCallback's hooks in Lightning's DeepSpeed order (see run_lightning_case)
+    extras: bool = False  # also per-validation-point values and projected gradients (embeddings)
+
+
+EXTRAS = {"per_val_point": True, "embeddings": {"k_rows": 4, "k_cols": 4, "seed": 5}}
 
 
 CASES = [
@@ -118,6 +126,7 @@ CASES = [
     Case("z3-sgd", 3, "sgd-momentum"),
     Case("z3-adamw", 3),
     Case("z3-adamw-persistent", 3, persist=True),
+    Case("z3-adamw-extras", 3, extras=True),
     Case("z2-adamw-gas2", 2, gas=2),
     Case("z3-sgd-gas2", 3, "sgd", gas=2),
     Case("z2-adamw-clip", 2, clip=0.05),
@@ -171,7 +180,8 @@ def reference_store(case: Case, world: int, path: Path) -> Path:
 
     model = make_model()
     optimizer = make_optimizer(case.optimizer, model.parameters())
-    recorder = InRunRecorder(model, path, val_data=VAL, loss_fn=loss_fn, shapley="second", overwrite=True)
+    recorder = InRunRecorder(model, path, val_data=VAL, loss_fn=loss_fn, shapley="second", overwrite=True,
+                             **(EXTRAS if case.extras else {}))
     if case.clip:
         recorder.clip_norm = case.clip
     recorder.start()
@@ -213,7 +223,8 @@ def run_case(case: Case, out: Path, rank: int, world: int, *, die_at: int | None
 
     engine = _engine(case)
     path = out / case.name / "run.h5"
-    options = dict(val_data=VAL, loss_fn=loss_fn, shapley="second", overwrite=True, flush_every=flush_every)
+    options = dict(val_data=VAL, loss_fn=loss_fn, shapley="second", overwrite=True, flush_every=flush_every,
+                   **(EXTRAS if case.extras else {}))
     inrun_ds = DeepSpeedInRun(engine, path, **options)
     with inrun_ds:
         for t, micro in enumerate(plan(case, world)):
@@ -409,8 +420,9 @@ def references(tmp_path_factory):
     cache: dict = {}
 
     def get(case: Case, world: int) -> Path:
-        fp32 = Case(case.name + "-ref", case.stage, case.optimizer, case.gas, clip=case.clip, lightning=case.lightning)
-        key = (fp32.optimizer.replace("fused-", ""), fp32.gas, fp32.clip, fp32.lightning, world)
+        fp32 = Case(case.name + "-ref", case.stage, case.optimizer, case.gas, clip=case.clip, lightning=case.lightning,
+                    extras=case.extras)
+        key = (fp32.optimizer.replace("fused-", ""), fp32.gas, fp32.clip, fp32.lightning, case.extras, world)
         if key not in cache:
             cache[key] = reference_store(fp32, world, folder / f"ref-{len(cache)}.h5")
         return cache[key]
@@ -432,8 +444,9 @@ def read_ranks(folder: Path, world: int):
 def union_of_step(ranks, t: int) -> dict[str, np.ndarray]:
     from tests.test_inrun_values import step_records
 
-    union = {k: np.concatenate([step_records(records, t)[k] for _, records in ranks])
-             for k in ("sample_id", "value_1", "value_2", "grad_norm_sq")}
+    columns = [k for k in ("sample_id", "value_1", "value_2", "grad_norm_sq", "value_1_per_val", "value_2_per_val",
+                           "proj_grad") if k in ranks[0][1]]
+    union = {k: np.concatenate([step_records(records, t)[k] for _, records in ranks]) for k in columns}
     order = np.argsort(union["sample_id"], kind="stable")
     return {k: v[order] for k, v in union.items()}
 
@@ -469,6 +482,11 @@ def compare(case: Case, world: int, out: Path, reference: Path) -> dict[str, flo
                 assert np.corrcoef(got[column], want[column])[0, 1] > 0.999, (case.name, column, t)
         if not case.bf16:
             np.testing.assert_allclose(got["grad_norm_sq"], want["grad_norm_sq"], rtol=1e-4, err_msg=case.name)
+        if case.extras:  # [n, n_val] values and [n, k] projections, recorded from the same factors
+            for column in ("value_1_per_val", "value_2_per_val", "proj_grad"):
+                scale = np.abs(want[column]).max()
+                np.testing.assert_allclose(got[column], want[column], rtol=0, atol=1e-5 * scale,
+                                           err_msg=f"{case.name} {column} step {t}")
     for steps, _ in ranks:  # every rank evaluates the same validation losses
         for column in ("val_loss", "val_loss_base", "val_loss_after"):
             np.testing.assert_allclose(steps[column], ref_steps[column], rtol=2e-2 if case.bf16 else 1e-5,
