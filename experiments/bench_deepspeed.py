@@ -1,0 +1,176 @@
+"""Fit-time overhead of inrun under DeepSpeed ZeRO 2 and 3 on CPU: the same training with and without inrun.
+
+Every process runs, for each ZeRO stage, alternating repeats of: a plain DeepSpeed loop, and the same loop with
+``DeepSpeedInRun`` (first- and second-order values); each repeat builds a fresh engine from the same seed, so every
+variant does the same work on the same data in the same processes. A repeat times ``--steps`` optimizer steps after
+``--warmup`` untimed ones (ZeRO-3 records its parameter trace on the first step), between barriers; the table shows
+the median over repeats, per optimizer step, and the ratio to the plain loop. The store's close (final validation
+pass, compressing rewrite) is timed separately. The DeepSpeed settings come from ``configs/deepspeed_zero{2,3}.json``
+(batch, accumulation, optimizer), the model and data from their ``"inrun"`` section::
+
+    .venv/bin/python -m torch.distributed.run --nproc_per_node 2 -m experiments.bench_deepspeed
+    .venv/bin/python -m torch.distributed.run --nproc_per_node 2 -m experiments.bench_deepspeed --steps 10 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _single_process_env() -> None:
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per repeat")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before the timed ones")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapley", nargs="+", default=["first", "second"])
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here (rank 0)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    _single_process_env()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+    import deepspeed
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from experiments.benchutil import render_table
+    from experiments.textdata import build_corpus, collate_samples
+    from experiments.tinygpt import TinyGPT, TinyGPTConfig, per_sample_lm_loss
+    from inrun.callbacks.deepspeed import DeepSpeedInRun
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def per_sample_loss(module, batch):
+        return per_sample_lm_loss(module(batch["input_ids"]), batch["labels"])
+
+    configs = {}
+    for stage in args.stages:
+        config = json.loads((ROOT / "configs" / f"deepspeed_zero{stage}.json").read_text())
+        configs[stage] = (config, config.pop("inrun"))
+    settings = configs[args.stages[0]][1]
+    data_cfg, model_cfg = settings["data"], settings["model"]
+    corpus = build_corpus(seq_len=data_cfg["seq_len"], samples_per_source=data_cfg["samples_per_source"],
+                          val_samples=data_cfg["val_samples"], seed=0, corruption=data_cfg["corruption"])
+    val_batch = collate_samples([corpus.val[i] for i in range(len(corpus.val))])
+    folder = Path(tempfile.mkdtemp(prefix="bench_deepspeed_")) if rank == 0 else None
+    folder = Path(_broadcast(str(folder) if folder else None))
+
+    def run(stage: int, shapley: str | None) -> tuple[float, float]:
+        """Seconds per timed optimizer step, and seconds to close the store (0 without inrun)."""
+        config = configs[stage][0]
+        model = TinyGPT(TinyGPTConfig(seq_len=data_cfg["seq_len"], **model_cfg), seed=0)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        sampler = DistributedSampler(corpus.train, num_replicas=world, rank=rank, shuffle=True, seed=0)
+        loader = DataLoader(corpus.train, batch_size=config["train_micro_batch_size_per_gpu"], sampler=sampler,
+                            collate_fn=collate_samples, drop_last=True)
+        inrun_ds = None
+        if shapley is not None:
+            inrun_ds = DeepSpeedInRun(engine, folder / f"zero{stage}-{shapley}.h5", val_data=val_batch,
+                                      loss_fn=per_sample_loss, shapley=shapley, overwrite=True)
+        taken, started, epoch = 0, None, 0
+        total = args.warmup + args.steps
+        while taken < total:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                if inrun_ds is not None:
+                    inrun_ds.begin_microbatch(batch)
+                loss = per_sample_loss(engine, batch).mean()
+                if inrun_ds is not None:
+                    inrun_ds.backward(loss)
+                    boundary = inrun_ds.step()
+                else:
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    engine.backward(loss)
+                    engine.step()
+                if boundary:
+                    taken += 1
+                    if taken == args.warmup:
+                        dist.barrier()
+                        started = time.perf_counter()
+                    if taken == total:
+                        break
+            epoch += 1
+        dist.barrier()
+        per_step = (time.perf_counter() - started) / args.steps
+        closing = 0.0
+        if inrun_ds is not None:
+            began = time.perf_counter()
+            inrun_ds.close()
+            dist.barrier()
+            closing = time.perf_counter() - began
+        del engine
+        return per_step, closing
+
+    variants = [None, *args.shapley]
+    results: dict[tuple[int, str | None], list[tuple[float, float]]] = {}
+    for stage in args.stages:
+        for repeat in range(args.repeats):
+            for variant in variants:  # side by side: plain, first, second, plain, first, second, ...
+                results.setdefault((stage, variant), []).append(run(stage, variant))
+                if rank == 0:
+                    print(f"[bench] ZeRO {stage} repeat {repeat + 1}/{args.repeats} {variant or 'plain'}: "
+                          f"{results[(stage, variant)][-1][0] * 1e3:.1f} ms/step", flush=True)
+    if rank == 0:
+        rows, records = [], []
+        for stage in args.stages:
+            config = configs[stage][0]
+            plain = statistics.median(t for t, _ in results[(stage, None)])
+            for variant in variants:
+                per_step = statistics.median(t for t, _ in results[(stage, variant)])
+                closing = statistics.median(c for _, c in results[(stage, variant)])
+                rows.append([f"ZeRO {stage}", config["train_micro_batch_size_per_gpu"],
+                             config["gradient_accumulation_steps"], variant or "plain (no inrun)",
+                             f"{per_step * 1e3:.1f}", f"{per_step / plain:.2f}x",
+                             f"{closing:.2f}" if variant else "-"])
+                records.append({"stage": stage, "variant": variant or "plain", "ms_per_step": per_step * 1e3,
+                                "ratio": per_step / plain, "close_s": closing})
+        print()
+        print(f"DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, {world} processes on "
+              f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), TinyGPT "
+              f"{model_cfg}, seq {data_cfg['seq_len']}, {len(val_batch['index'])} validation windows, "
+              f"{args.steps} timed steps x {args.repeats} repeats (median)")
+        print(render_table(["stage", "micro-batch", "accumulation", "variant", "ms / step", "vs plain",
+                            "close (s)"], rows))
+        if args.json:
+            args.json.write_text(json.dumps(records, indent=2))
+    dist.barrier()
+    return 0
+
+
+def _broadcast(value):
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
