@@ -130,7 +130,13 @@ class InRunCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored is not None:
-            self.recorder.load_state_dict(self._restored)
+            state = self._own_state(trainer.global_rank)
+            if state.get("world_size", trainer.world_size) != trainer.world_size:
+                raise RuntimeError(
+                    f"the checkpoint was recorded with {state['world_size']} processes and this run has "
+                    f"{trainer.world_size}; resume with the same number, or start a new store"
+                )
+            self.recorder.load_state_dict(state)
         with self._gathered():
             self.recorder.start(device=pl_module.device)
 
@@ -176,14 +182,39 @@ class InRunCallback(L.Callback):
             self.recorder.flush()  # the store always holds every step the checkpoint has seen
 
     def state_dict(self) -> dict:
+        """The recorder's resume state. With several processes, every rank's (a collective call: Lightning builds
+        a checkpoint's callback states on every rank but saves rank 0's), so each rank resumes its own samples."""
         if self.recorder is None:
             return dict(self._restored or {})
-        return self.recorder.state_dict()
+        state = self.recorder.state_dict()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                gathered: list = [None] * world
+                torch.distributed.all_gather_object(gathered, state)
+                return {"run_id": state["run_id"], "per_rank": gathered}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = dict(state_dict)
-        if self.recorder is not None and self.recorder.writer is None:
-            self.recorder.load_state_dict(self._restored)
+
+    def _own_state(self, rank: int) -> dict:
+        """This rank's part of a restored state (a single-process state serves rank 0)."""
+        assert self._restored is not None
+        if "per_rank" not in self._restored:
+            if rank != 0:
+                raise RuntimeError(
+                    "the checkpoint holds the inrun state of one process only; resume it with one process, or "
+                    "resume from a checkpoint saved by this version of inrun with the same number of processes"
+                )
+            return self._restored
+        states = self._restored["per_rank"]
+        if rank >= len(states):
+            raise RuntimeError(
+                f"the checkpoint was saved by {len(states)} processes and this run has more; resume with the same "
+                "number of processes, or start a new store"
+            )
+        return states[rank]
 
     def _gathered(self):
         """Under DeepSpeed ZeRO-3: the model's parameters full-shaped inside the block (collective)."""

@@ -451,6 +451,7 @@ class InRunRecorder:
             "next_step": self.next_step,
             "pending": self.pending.as_state() if self.pending is not None else None,
             "path": str(self.path),
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:

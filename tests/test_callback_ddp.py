@@ -74,15 +74,15 @@ def lightning_module():
     return Net
 
 
-def fit(path, per_rank: bool, **trainer_kwargs):
+def fit(path, per_rank: bool, max_steps: int = N_STEPS, ckpt_path=None, overwrite: bool = True, **trainer_kwargs):
     import lightning as L
 
     from inrun.callbacks import InRunCallback
 
-    callback = InRunCallback(path, val_data=VAL, shapley="second", per_val_point=True, overwrite=True)
+    callback = InRunCallback(path, val_data=VAL, shapley="second", per_val_point=True, overwrite=overwrite)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, max_steps=N_STEPS, callbacks=[callback], **trainer_kwargs)
-    trainer.fit(lightning_module()(per_rank=per_rank))
+                        enable_checkpointing=False, max_steps=max_steps, callbacks=[callback], **trainer_kwargs)
+    trainer.fit(lightning_module()(per_rank=per_rank), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -99,19 +99,64 @@ print("rank", trainer.global_rank, "world", trainer.world_size, "steps", trainer
 
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    script = out / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT)))
+RESUME_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+from tests.test_callback_ddp import fit
+path, ckpt, phase = sys.argv[1], sys.argv[2], sys.argv[3]
+kwargs = dict(per_rank=True, strategy="ddp", devices=2, use_distributed_sampler=False)
+if phase == "first":
+    trainer = fit(path, max_steps=-1, max_epochs=1, **kwargs)  # stop at an epoch boundary (4 steps)
+    trainer.save_checkpoint(ckpt)
+else:
+    trainer = fit(path, ckpt_path=ckpt, overwrite=False, **kwargs)
+print("rank", trainer.global_rank, "world", trainer.world_size, "steps", trainer.global_step, flush=True)
+"""
+
+
+def run_script(out: Path, source: str, *args: str) -> str:
+    script = out / "script.py"
+    script.write_text(source.format(root=str(ROOT)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(name, None)  # Lightning picks a free port itself
-    proc = subprocess.run([sys.executable, str(script), str(out / "run.h5")], capture_output=True, text=True,
-                          timeout=400, env=env, cwd=out)
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=400,
+                          env=env, cwd=out)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    assert f"world 2 steps {N_STEPS}" in proc.stdout, proc.stdout
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    stdout = run_script(out, DDP_SCRIPT, str(out / "run.h5"))
+    assert f"world 2 steps {N_STEPS}" in stdout, stdout
     return out
+
+
+@pytest.mark.slow
+def test_ddp_resume_restores_each_ranks_own_state(ddp_run, tmp_path):
+    """Checkpoint at an epoch boundary (step 4), resume in new processes. Each rank must resume its own pending
+    step (Lightning saves rank 0's callback state only, so the callback gathers every rank's): step 3, written
+    after the resume from the restored state, equals the uninterrupted run on both ranks, no step is duplicated or
+    lost, and no rank's file holds the other rank's samples. (After the resume Lightning itself replays the first
+    batch of the epoch under DDP with a per-rank loader, so later steps' batches differ from the uninterrupted run.)
+    """
+    path, ckpt = tmp_path / "run.h5", tmp_path / "mid.ckpt"
+    run_script(tmp_path, RESUME_SCRIPT, str(path), str(ckpt), "first")
+    stdout = run_script(tmp_path, RESUME_SCRIPT, str(path), str(ckpt), "resume")
+    assert f"world 2 steps {N_STEPS}" in stdout, stdout
+    for rank in range(WORLD):
+        steps, resumed = read_store(tmp_path / f"run.rank{rank}.h5")
+        _, expected = read_store(ddp_run / f"run.rank{rank}.h5")
+        assert steps["step"].tolist() == list(range(N_STEPS))
+        assert set(resumed["sample_id"].tolist()) <= set(rank_ids(rank))
+        before = resumed["step"] < 4
+        np.testing.assert_array_equal(resumed["sample_id"][before], expected["sample_id"][expected["step"] < 4])
+        np.testing.assert_allclose(resumed["value_1"][before], expected["value_1"][expected["step"] < 4], rtol=1e-9)
+        np.testing.assert_allclose(resumed["value_2"][before], expected["value_2"][expected["step"] < 4], rtol=1e-9)
 
 
 @pytest.mark.slow
