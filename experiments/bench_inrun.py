@@ -42,10 +42,11 @@ class TokenWindows(Dataset):
 
 
 class GPTModule(L.LightningModule):
-    def __init__(self, shape: GPTShape, lr: float):
+    def __init__(self, shape: GPTShape, lr: float, optimizer: str):
         super().__init__()
         self.model = GPT(shape)
         self.lr = lr
+        self.optimizer_name = optimizer
 
     def per_sample_loss(self, batch: dict) -> Tensor:
         return next_token_losses(self.model, batch["tokens"])
@@ -54,6 +55,8 @@ class GPTModule(L.LightningModule):
         return self.per_sample_loss(batch).mean()
 
     def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
@@ -68,7 +71,7 @@ CONFIGS = {
 
 def fit_once(args: argparse.Namespace, shape: GPTShape, data: Dataset, val: dict, options: dict | None,
              folder: Path) -> None:
-    module = GPTModule(shape, lr=1e-4)
+    module = GPTModule(shape, lr=1e-4, optimizer=args.optimizer)
     callbacks = []
     if options is not None:
         callbacks.append(InRunCallback(folder / "run.h5", val_data=val, overwrite=True, **options))
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="SGD-family rules value by ghost dot products with the validation points; Adam's "
+                             "elementwise scale needs one weight-gradient-sized product per layer")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier CPU times)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_inrun.json"))
     args = parser.parse_args(argv)
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
            "index": torch.arange(max(1, args.batch // 8))}
     device = torch.device("cpu")
     print(f"GPT-2-shaped model: {args.layers} blocks, d 768, vocab {args.vocab}; batch {args.batch} x {args.seq_len} "
-          f"tokens, validation batch {val['tokens'].shape[0]}; {args.steps} optimizer steps per fit; "
+          f"tokens, validation batch {val['tokens'].shape[0]}; {args.optimizer}; {args.steps} optimizer steps per fit; "
           f"{torch.get_num_threads()} threads")
     results = {}
     with tempfile.TemporaryDirectory() as folder:

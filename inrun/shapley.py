@@ -73,6 +73,82 @@ def _update_shifts(terms: dict[str, UpdateTerms], grads: dict[str, Tensor], frac
     return shifts
 
 
+def _ghost_values(microbatches: list[MicroBatch], terms: dict[str, UpdateTerms], val_parts: list) -> np.ndarray:
+    """``[n, n_val]``: ``scale_p <c_i, c'_j>`` summed over parameters, from the Gram products of the training and
+    validation points' factors (ghost dot products: no per-sample gradient materialised where that costs more)."""
+    rows = []
+    for mb in microbatches:
+        blocks = []
+        for part in val_parts:
+            by_parameter = mb.captured.dots_by_parameter(part)
+            total = None
+            for name, dots in by_parameter.items():
+                if name in terms:
+                    term = float(terms[name].scale) * dots
+                    total = term if total is None else total + term
+            blocks.append(total if total is not None else torch.zeros(mb.captured.n, part.n))
+        rows.append(torch.cat(blocks, dim=1))
+    return torch.cat(rows).detach().double().cpu().numpy()
+
+
+def _direction_norm_sq(terms: dict[str, UpdateTerms], val_parts: list, n_val: int) -> float:
+    """``|D g_V|^2`` with ``g_V`` the mean of the validation points' gradients, from their own Gram products."""
+    total = 0.0
+    for a in val_parts:
+        for b in val_parts:
+            for name, dots in a.dots_by_parameter(b).items():
+                if name in terms:
+                    total += float(terms[name].scale) ** 2 * float(dots.double().sum())
+    return total / n_val**2
+
+
+def _value_step_ghost(microbatches, terms, grads, validation, params, *, second_order, per_val_point,
+                      record_norms) -> StepValues:
+    """:func:`value_step` for update rules whose scale is one number per parameter (SGD, momentum, weight decay):
+    every value is ``scale <c_i, c'_j>`` averaged over the validation points, so the validation points' own factors
+    replace the validation gradient (one validation forward and backward, per-point values for free)."""
+    val_loss, val_parts = validation.captured()
+    n_val = validation.num_points
+    per_val_1 = _ghost_values(microbatches, terms, val_parts)
+    direction_norm_sq = _direction_norm_sq(terms, val_parts, n_val)
+    base_shift = _update_shifts(terms, grads, 0.0)
+    val_loss_base = val_loss
+    if base_shift:
+        with shifted_parameters(params, base_shift):
+            val_loss_base = validation.loss()
+    per_val_2 = None
+    if second_order:
+        with shifted_parameters(params, _update_shifts(terms, grads, 0.5)):
+            _, mid_parts = validation.captured()
+            per_val_2 = _ghost_values(microbatches, terms, mid_parts)
+    if record_norms:
+        norms = torch.cat([mb.captured.squared_norms() for mb in microbatches]).detach().double().cpu().numpy()
+    else:
+        norms = np.full(per_val_1.shape[0], np.nan)
+    return StepValues(
+        sample_ids=_ids(microbatches),
+        sources=_sources(microbatches),
+        value_1=per_val_1.mean(axis=1),
+        value_2=per_val_2.mean(axis=1) if per_val_2 is not None else None,
+        grad_norm_sq=norms,
+        val_loss=val_loss,
+        val_loss_base=val_loss_base,
+        direction_norm_sq=direction_norm_sq,
+        per_val_1=per_val_1 if per_val_point else None,
+        per_val_2=per_val_2 if per_val_point else None,
+    )
+
+
+def _ids(microbatches: list[MicroBatch]) -> np.ndarray:
+    return torch.cat([mb.sample_ids.reshape(-1) for mb in microbatches]).cpu().numpy().astype(np.int64)
+
+
+def _sources(microbatches: list[MicroBatch]) -> np.ndarray:
+    return torch.cat(
+        [mb.sources.reshape(-1) if mb.sources is not None else torch.full_like(mb.sample_ids, -1) for mb in microbatches]
+    ).cpu().numpy().astype(np.int32)
+
+
 def value_step(
     microbatches: list[MicroBatch],
     terms: dict[str, UpdateTerms],
@@ -89,6 +165,9 @@ def value_step(
     ``grads`` is the full-batch gradient the optimizer will apply (after unscaling and clipping); ``terms`` the
     update rule read from the optimizer with those gradients.
     """
+    if all(not isinstance(term.scale, Tensor) for term in terms.values()):
+        return _value_step_ghost(microbatches, terms, grads, validation, params, second_order=second_order,
+                                 per_val_point=per_val_point, record_norms=record_norms)
     val_loss, val_grad = validation.gradient(params)
     direction = _scaled(terms, val_grad)
     direction_norm_sq = float(sum(float((w.double() ** 2).sum()) for w in direction.values()))
@@ -125,13 +204,9 @@ def value_step(
         norms = torch.cat(norm_parts).detach().double().cpu().numpy()  # type: ignore[arg-type]
     else:
         norms = np.full(value_1.shape[0], np.nan)
-    ids = torch.cat([mb.sample_ids.reshape(-1) for mb in microbatches]).cpu().numpy().astype(np.int64)
-    sources = torch.cat(
-        [mb.sources.reshape(-1) if mb.sources is not None else torch.full_like(mb.sample_ids, -1) for mb in microbatches]
-    ).cpu().numpy().astype(np.int32)
     return StepValues(
-        sample_ids=ids,
-        sources=sources,
+        sample_ids=_ids(microbatches),
+        sources=_sources(microbatches),
         value_1=value_1,
         value_2=value_2,
         grad_norm_sq=norms,

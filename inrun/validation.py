@@ -126,6 +126,21 @@ class ValidationSet:
         self.capture.enabled = enabled
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
+    def captured(self) -> tuple[float, list]:
+        """Mean validation loss and each validation batch's per-sample gradient factors, at the current parameters
+        (one forward and backward, no weight gradient computed)."""
+        parts = []
+        enabled, self.capture.enabled = self.capture.enabled, True
+        try:
+            with eval_mode(self.model):
+                for batch in self.batches:
+                    parts.append(capture_batch(self.capture, self.model, self.loss_fn, batch))
+        finally:
+            self.capture.enabled = enabled
+        losses = torch.cat([part.losses for part in parts])
+        self.num_points = losses.shape[0]
+        return float(losses.double().mean()), parts
+
     @contextmanager
     def _paused(self) -> Iterator[None]:
         enabled, self.capture.enabled = self.capture.enabled, False
