@@ -73,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from inrun.errors import InRunError
+from inrun.update_rules import rule_name
 from inrun.recorder import InRunRecorder
 from inrun.store import new_run_id
 from inrun.validation import LossFn
@@ -307,16 +308,8 @@ def deepspeed_full_gradients(
 
 
 def deepspeed_update_rule(optimizer: torch.optim.Optimizer) -> str:
-    """The inrun update rule of a base optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"sgd-fallback:<Class>"``."""
-    if isinstance(optimizer, torch.optim.AdamW):
-        return "adamw"
-    if isinstance(optimizer, torch.optim.Adam):
-        return "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd"
-    if hasattr(optimizer, "adam_w_mode"):  # deepspeed.ops.adam.FusedAdam, DeepSpeedCPUAdam
-        return "adamw" if optimizer.adam_w_mode else "adam"
-    return f"sgd-fallback:{type(optimizer).__name__}"
+    """The inrun update rule of a base optimizer (torch's, or DeepSpeed's FusedAdam/DeepSpeedCPUAdam)."""
+    return rule_name(optimizer)
 
 
 class OptimizerView:

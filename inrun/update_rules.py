@@ -41,6 +41,8 @@ def rule_name(optimizer: torch.optim.Optimizer) -> str:
         return "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
     if isinstance(optimizer, torch.optim.SGD):
         return "sgd"
+    if hasattr(optimizer, "adam_w_mode"):  # DeepSpeed's FusedAdam and DeepSpeedCPUAdam
+        return "adamw" if optimizer.adam_w_mode else "adam"
     return f"sgd-fallback:{type(optimizer).__name__}"
 
 
