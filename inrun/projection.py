@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from inrun.factors import FlatFactor, OuterFactor
+from inrun.factors import OuterFactor
 from inrun.persample import CapturedBatch
 
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import inrun
 import reference as R
 from inrun import GradientCapture, capture_batch
-from inrun.factors import DenseSide, FlatFactor, OuterFactor
+from inrun.factors import DenseSide, FlatFactor
 
 
 

@@ -8,7 +8,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import inrun
