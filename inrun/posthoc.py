@@ -9,8 +9,8 @@ contributions ``P c_i(t)`` and the model checkpoints give the same quantities ap
   steps exist (exactly the in-run midpoint for plain SGD; for Adam it differs by Delta_0 / 2), else the first-order
   choice.
 
-``scale_t`` is each layer block's recorded update scale (SGD: the learning rate; Adam: the mean of its elementwise
-fixed-state scale, an approximation). Test gradients are projected once per checkpoint; the stored steps are streamed.
+``scale_t`` is each layer block's recorded update scale (SGD: the learning rate, exact; Adam: its elementwise
+fixed-state scale reduced to the step size along the gradient taken, an approximation). Test gradients are projected once per checkpoint; the stored steps are streamed.
 """
 
 from __future__ import annotations

@@ -318,7 +318,7 @@ class InRunRecorder:
             self._record_skipped(step, lr, "non-finite values (a non-finite layer gradient or validation loss)")
             return
         if self.projector is not None and step % self.embeddings.every == 0:
-            self._add_projections(values, microbatches, terms)
+            self._add_projections(values, microbatches, terms, grads)
         if self.checkpoint_every and step % self.checkpoint_every == 0:
             values.extras["checkpoint"] = np.int8(self.save_checkpoint(step))
         self._complete_pending(values.val_loss)
@@ -333,15 +333,26 @@ class InRunRecorder:
         nan = np.full(ids.size, np.nan)
         return StepValues(ids, sources, nan, None, nan, val_loss, val_loss, math.nan)
 
-    def _add_projections(self, values: StepValues, microbatches: list[MicroBatch], terms: dict) -> None:
-        """Projected contributions of the step's samples, and each block's update scale (lr for SGD)."""
+    def _add_projections(self, values: StepValues, microbatches: list[MicroBatch], terms: dict,
+                         grads: dict[str, Tensor]) -> None:
+        """Projected contributions of the step's samples, and each block's update scale.
+
+        SGD-family rules: the learning rate (exact). Adam: the elementwise scale ``D`` is reduced to the step size
+        along the gradient actually taken, ``sum(D G^2) / sum(G^2)``; a plain mean would be dominated by coordinates
+        with a near-zero second moment, where ``D`` is huge but the gradient is not.
+        """
         assert self.projector is not None
         projected = torch.cat([self.projector.project_batch(mb.captured) for mb in microbatches])
         values.extras["proj_grad"] = projected.cpu().numpy().astype(self.embeddings.dtype)
         scales = []
         for block in self.projector.layout:
             scale = terms[block.name].scale if block.name in terms else math.nan
-            scales.append(float(scale.double().mean()) if isinstance(scale, Tensor) else float(scale))
+            if isinstance(scale, Tensor):
+                squared = grads[block.name].double() ** 2
+                total = float(squared.sum())
+                scales.append(float((scale.double() * squared).sum()) / total if total > 0 else float(scale.mean()))
+            else:
+                scales.append(float(scale))
         values.extras["proj_scale"] = np.asarray(scales)
 
     def _param_grads(self) -> dict[str, Tensor]:

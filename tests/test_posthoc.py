@@ -160,3 +160,35 @@ def test_report_shows_saved_posthoc_values_and_wandb_logs_them(exact_run):
     top = spy.logged[0]["inrun/posthoc_top_samples"].data
     assert top[0][0] == best and top[0][1] == pytest.approx(result.summed(1).max())
     assert len(spy.logged[0]["inrun/posthoc_steps"].data) == result.steps.size
+
+
+def test_adam_runs_are_approximated_with_a_robust_block_scale(tmp_path):
+    """AdamW: post-hoc values use one scale per layer block (the step size along the gradient taken, sum D G^2 /
+    sum G^2) in place of Adam's elementwise scale, an approximation: with every-step checkpoints and whole
+    projections they correlate with the in-run values (measured 0.49 here; the plain mean of D gives 0.71 but is
+    dominated by coordinates with a near-zero second moment and made the embedding recursion diverge in the main
+    job) and stay of the same magnitude. Exact for SGD (tests above)."""
+    path = tmp_path / "adam.h5"
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    recorder = InRunRecorder(model, path, val_data=VAL, loss_fn=loss_fn, shapley="first", per_val_point=True,
+                             embeddings={"k_rows": 64, "k_cols": 64}, checkpoint_every=1)
+    recorder.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(8):
+            ids = torch.arange(4 * t, 4 * t + 4) % 24
+            batch = {"x": X[ids], "y": Y[ids], "index": ids}
+            recorder.begin_microbatch(batch)
+            loss_fn(model, batch).mean().backward()
+            recorder.end_microbatch()
+            recorder.before_optimizer_step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad()
+    recorder.close()
+    with inrun.open_run(path) as run:
+        result = run.posthoc_values(model, loss_fn, VAL)
+        expected = in_run_per_val(run, 1)
+    correlation = np.corrcoef(result.first.ravel(), expected.ravel())[0, 1]
+    assert correlation > 0.3, correlation
+    assert np.abs(result.first).max() < 10 * np.abs(expected).max()
