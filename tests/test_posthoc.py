@@ -37,10 +37,10 @@ def make_model(seed: int = 1) -> nn.Module:
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
-def record(path, *, embeddings=True, checkpoint_every=1, steps=6, per_val_point=True):
+def record(path, *, embeddings=True, checkpoint_every=1, steps=6, per_val_point=True, adamw=False, shapley="second"):
     model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.4)
-    recorder = InRunRecorder(model, path, val_data=VAL, loss_fn=loss_fn, shapley="second", embeddings=embeddings,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01) if adamw else torch.optim.SGD(model.parameters(), lr=0.4)
+    recorder = InRunRecorder(model, path, val_data=VAL, loss_fn=loss_fn, shapley=shapley, embeddings=embeddings,
                              per_val_point=per_val_point, checkpoint_every=checkpoint_every)
     recorder.start()
     with warnings.catch_warnings():
@@ -169,23 +169,7 @@ def test_adam_runs_are_approximated_with_a_robust_block_scale(tmp_path):
     dominated by coordinates with a near-zero second moment and made the embedding recursion diverge in the main
     job) and stay of the same magnitude. Exact for SGD (tests above)."""
     path = tmp_path / "adam.h5"
-    model = make_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    recorder = InRunRecorder(model, path, val_data=VAL, loss_fn=loss_fn, shapley="first", per_val_point=True,
-                             embeddings={"k_rows": 64, "k_cols": 64}, checkpoint_every=1)
-    recorder.start()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for t in range(8):
-            ids = torch.arange(4 * t, 4 * t + 4) % 24
-            batch = {"x": X[ids], "y": Y[ids], "index": ids}
-            recorder.begin_microbatch(batch)
-            loss_fn(model, batch).mean().backward()
-            recorder.end_microbatch()
-            recorder.before_optimizer_step(optimizer)
-            optimizer.step()
-            optimizer.zero_grad()
-    recorder.close()
+    model = record(path, embeddings={"k_rows": 64, "k_cols": 64}, steps=8, adamw=True, shapley="first")
     with inrun.open_run(path) as run:
         result = run.posthoc_values(model, loss_fn, VAL)
         expected = in_run_per_val(run, 1)
