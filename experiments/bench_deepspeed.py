@@ -27,18 +27,9 @@ from pathlib import Path
 
 import torch
 
+from experiments.deepspeed_example import _single_process_env
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _single_process_env() -> None:
-    if "RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def main(argv: list[str] | None = None) -> int:
