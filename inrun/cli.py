@@ -87,9 +87,9 @@ def posthoc_lines(run: Run, top: int) -> list[str]:
     from inrun.posthoc import PosthocValues
 
     result = PosthocValues.load(path)
-    notes = sorted(set(result.approximation))
+    kinds, counts = np.unique([note.split(" (")[0] for note in result.approximation], return_counts=True)
     lines = [f"post-hoc       {result.first.shape[1]} test points from {path.name}; test gradients at: "
-             + ", ".join(notes)]
+             + ", ".join(f"{kind} ({count} steps)" for kind, count in zip(kinds, counts))]
     for order in (1, 2):
         summed = result.summed(order)
         best, worst = np.argsort(summed)[::-1][:top], np.argsort(summed)[:top]
