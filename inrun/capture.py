@@ -213,6 +213,7 @@ class GradientCapture:
     # -- results -----------------------------------------------------------------------------------------------
     @property
     def pending_calls(self) -> int:
+        """Calls recorded since the last collect (one per hooked call whose output received a gradient)."""
         return len(self._calls)
 
     def discard(self) -> None:

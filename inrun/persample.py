@@ -89,21 +89,8 @@ class CapturedBatch:
         With ``stacked=True`` every ``vectors[name]`` is ``[m, *param.shape]`` and the result is ``[n, m]``.
         Parameters missing from ``vectors`` contribute nothing.
         """
-        total = None
-        for name, uses in self.factors.items():
-            vector = vectors.get(name)
-            if vector is None:
-                continue
-            matrices = vector if stacked else vector.unsqueeze(0)
-            expected = tuple(self.shapes[name])
-            if tuple(matrices.shape[1:]) != expected:
-                raise InRunError(f"vector for '{name}' has shape {tuple(matrices.shape[1:])}, expected {expected}")
-            part = parameter_fixed_dots(uses, matrices.to(dense_reference(uses[0]).dtype))
-            total = part if total is None else total + part
-        if total is None:
-            m = next(iter(vectors.values())).shape[0] if stacked and vectors else 1
-            total = self._zeros(self.n, m)
-        return total if stacked else total[:, 0]
+        products, _ = self.fixed_dots_and_norms([(vectors, stacked)], norms=False)
+        return products[0]
 
     def scaled(self, coefficient: float) -> "CapturedBatch":
         """The same batch with every per-sample contribution multiplied by ``coefficient`` (gradient clipping)."""
@@ -144,6 +131,9 @@ class CapturedBatch:
                 if vector is None:
                     continue
                 matrices = (vector if stacked else vector.unsqueeze(0)).to(dense_reference(uses[0]).dtype)
+                if tuple(matrices.shape[1:]) != tuple(self.shapes[name]):
+                    raise InRunError(f"vector for '{name}' has shape {tuple(matrices.shape[1:])}, "
+                                     f"expected {tuple(self.shapes[name])}")
                 if dense is not None:
                     part = dense @ matrices.reshape(matrices.shape[0], -1).T
                 else:

@@ -37,7 +37,7 @@ from inrun import __version__
 from inrun.capture import GradientCapture
 from inrun.errors import BatchMismatchError, InRunError, NonFiniteGradientError
 from inrun.projection import ProjectionSettings, Projector
-from inrun.shapley import MicroBatch, StepValues, value_step
+from inrun.shapley import MicroBatch, StepValues, sample_ids_of, sources_of, value_step
 from inrun.store import Column, DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, RunWriter, new_run_id, rank_path
 from inrun.update_rules import clip_coefficient, rule_name, update_terms, warn_if_unknown
 from inrun.validation import LossFn, ValidationSet
@@ -326,9 +326,7 @@ class InRunRecorder:
 
     def _unvalued(self, microbatches: list[MicroBatch]) -> StepValues:
         """A step with projections only (``shapley=None``): no values, still the validation loss for the row."""
-        ids = torch.cat([mb.sample_ids for mb in microbatches]).numpy().astype(np.int64)
-        sources = torch.cat([mb.sources if mb.sources is not None else torch.full_like(mb.sample_ids, -1)
-                             for mb in microbatches]).numpy().astype(np.int32)
+        ids, sources = sample_ids_of(microbatches), sources_of(microbatches)
         val_loss = self.validation.loss()
         nan = np.full(ids.size, np.nan)
         return StepValues(ids, sources, nan, None, nan, val_loss, val_loss, math.nan)

@@ -126,8 +126,8 @@ def _value_step_ghost(microbatches, terms, grads, validation, params, *, second_
     else:
         norms = np.full(per_val_1.shape[0], np.nan)
     return StepValues(
-        sample_ids=_ids(microbatches),
-        sources=_sources(microbatches),
+        sample_ids=sample_ids_of(microbatches),
+        sources=sources_of(microbatches),
         value_1=per_val_1.mean(axis=1),
         value_2=per_val_2.mean(axis=1) if per_val_2 is not None else None,
         grad_norm_sq=norms,
@@ -139,11 +139,11 @@ def _value_step_ghost(microbatches, terms, grads, validation, params, *, second_
     )
 
 
-def _ids(microbatches: list[MicroBatch]) -> np.ndarray:
+def sample_ids_of(microbatches: list[MicroBatch]) -> np.ndarray:
     return torch.cat([mb.sample_ids.reshape(-1) for mb in microbatches]).cpu().numpy().astype(np.int64)
 
 
-def _sources(microbatches: list[MicroBatch]) -> np.ndarray:
+def sources_of(microbatches: list[MicroBatch]) -> np.ndarray:
     return torch.cat(
         [mb.sources.reshape(-1) if mb.sources is not None else torch.full_like(mb.sample_ids, -1) for mb in microbatches]
     ).cpu().numpy().astype(np.int32)
@@ -205,8 +205,8 @@ def value_step(
     else:
         norms = np.full(value_1.shape[0], np.nan)
     return StepValues(
-        sample_ids=_ids(microbatches),
-        sources=_sources(microbatches),
+        sample_ids=sample_ids_of(microbatches),
+        sources=sources_of(microbatches),
         value_1=value_1,
         value_2=value_2,
         grad_norm_sq=norms,

@@ -117,13 +117,7 @@ class ValidationSet:
 
     def per_point_gradients(self) -> dict[str, Tensor]:
         """Each validation point's own loss gradient, materialised: ``{name: [n_val, *param.shape]}``."""
-        parts: list[dict[str, Tensor]] = []
-        enabled, self.capture.enabled = self.capture.enabled, True
-        with eval_mode(self.model):
-            for batch in self.batches:
-                captured = capture_batch(self.capture, self.model, self.loss_fn, batch)
-                parts.append(captured.per_sample_gradients())
-        self.capture.enabled = enabled
+        parts = [captured.per_sample_gradients() for captured in self.captured()[1]]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def captured(self) -> tuple[float, list]:

@@ -8,7 +8,7 @@ or by qualified class name for optional dependencies such as Hugging Face's ``Co
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 from torch import Tensor, nn
 
@@ -60,5 +60,3 @@ def sample_major(tensor: Tensor, features: int | None = None) -> Tensor:
     d = tensor.shape[-1] if features is None else features
     return tensor.reshape(tensor.shape[0], -1, d)
 
-
-Builder = Callable[[nn.Module, Tensor, Tensor], dict[str, Factor]]
