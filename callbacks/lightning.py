@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
-import torch
 from torch import Tensor
 
-from inrun.recorder import InRunRecorder
-from inrun.store import new_run_id
-from inrun.validation import LossFn
+from inrun.callbacks.distributed import all_gather_object
+from inrun.store.paths import new_run_id
+from inrun.valuation.recorder import InRunRecorder
+from inrun.valuation.validation import LossFn
 
 
 def _module_loss(module: L.LightningModule, batch: Any) -> Tensor:
@@ -34,7 +34,7 @@ class InRunCallback(L.Callback):
         val_data: the validation batch, a list of batches or a loader; the utility is the mean loss over its points.
         shapley: ``"first"``, ``"second"`` (adds the midpoint second-order value) or None (record nothing).
         embeddings: record projected per-sample gradients for data value embeddings: True (64 x 64 per layer), or
-            a dict / :class:`inrun.projection.ProjectionSettings` (``k_rows``, ``k_cols``, ``kind``, ``seed``,
+            a dict / :class:`inrun.engine.projection.ProjectionSettings` (``k_rows``, ``k_cols``, ``kind``, ``seed``,
             ``dtype``, ``every``, ``parameters``).
         loss_fn: ``loss_fn(module, batch) -> Tensor[n]``; default: the module's ``per_sample_loss(batch)``.
         per_val_point: also record the ``[batch, n_val]`` matrix of values per validation point.
@@ -187,12 +187,9 @@ class InRunCallback(L.Callback):
         if self.recorder is None:
             return dict(self._restored or {})
         state = self.recorder.state_dict()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            if world > 1:
-                gathered: list = [None] * world
-                torch.distributed.all_gather_object(gathered, state)
-                return {"run_id": state["run_id"], "per_rank": gathered}
+        gathered = all_gather_object(state)
+        if len(gathered) > 1:
+            return {"run_id": state["run_id"], "per_rank": gathered}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -229,7 +226,7 @@ def _deepspeed_adapter(trainer: L.Trainer):
         return None
     if not isinstance(trainer.strategy, DeepSpeedStrategy):
         return None
-    from inrun.callbacks.deepspeed import DeepSpeedAdapter
+    from inrun.callbacks.deepspeed_engine import DeepSpeedAdapter
 
     return DeepSpeedAdapter(trainer.strategy.deepspeed_engine)
 

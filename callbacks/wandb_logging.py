@@ -45,7 +45,7 @@ class RunningTotals:
 
 
 class WandbInfluenceLogger:
-    """Logs what :class:`~inrun.recorder.InRunRecorder` records, step by step, to a W&B run.
+    """Logs what :class:`~inrun.valuation.recorder.InRunRecorder` records, step by step, to a W&B run.
 
     Args:
         run: a ``wandb`` run; None to take the trainer's ``WandbLogger`` experiment when attached to a Trainer.

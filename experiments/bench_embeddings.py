@@ -12,7 +12,7 @@ alike; the fit time of a configuration is the sum of its rounds. The recorder's 
 rewrite of the whole file with gzip) is timed apart and shown per recorded step ("close s/step") and folded into the
 ratio "w/ close". Reported: the fit-time ratios to ``off``, bytes written per step (store size / steps) next to the formula
 ``B * D * itemsize`` (``D = sum over layer blocks of k_rows * k_cols``), and the embedding build throughput
-(steps per second of :func:`inrun.embeddings.build_embeddings`, float32, on ``--device``).
+(steps per second of :func:`inrun.posthoc.build_embeddings`, float32, on ``--device``).
 
     .venv/bin/python -m experiments.bench_embeddings            # 4 layers, d_model 128, k 64 x 64
     .venv/bin/python -m experiments.bench_embeddings --quick    # 2 layers, d_model 64, k 32 x 32
@@ -32,7 +32,7 @@ import torch
 
 from experiments.tinygpt import TinyGPT, TinyGPTConfig, per_sample_lm_loss
 from inrun import embeddings
-from inrun.recorder import InRunRecorder
+from inrun.valuation.recorder import InRunRecorder
 
 
 def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:

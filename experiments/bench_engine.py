@@ -51,8 +51,8 @@ from experiments.benchutil import (
     render_table,
     synchronize,
 )
-from inrun.algebra import parameter_dots, parameter_squared_norms
-from inrun.factors import OuterFactor
+from inrun.engine.algebra import parameter_dots, parameter_squared_norms
+from inrun.engine.factors import OuterFactor
 
 GIB = 1 << 30
 

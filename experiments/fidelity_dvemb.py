@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrun import baselines, embeddings, open_run
-from inrun.recorder import InRunRecorder
+from inrun.valuation.recorder import InRunRecorder
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "embeddings.md"
 BEGIN, END = "<!-- fidelity:begin -->", "<!-- fidelity:end -->"

@@ -15,20 +15,20 @@ import argparse
 import os
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import tomllib
 import torch
 from torch.utils.data import DataLoader
 
 import inrun
-from inrun.callbacks import InRunCallback, WandbInfluenceLogger
-from inrun.cli import write_report
 from experiments.textdata import build_corpus, collate_samples
 from experiments.tinygpt import TinyGPTConfig, TinyGPTModule
+from inrun.callbacks import InRunCallback, WandbInfluenceLogger
+from inrun.cli import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def after_training(path: Path, module: TinyGPTModule, corpus, wandb_logger) -> N
     """Answers for test points chosen after training: post-hoc In-Run Shapley values and the DVEmb phase curve."""
     from inrun.callbacks import log_posthoc
     from inrun.cli import posthoc_path
-    from inrun.embeddings import step_influence
+    from inrun.posthoc.embeddings import step_influence
 
     test = collate_samples([corpus.val[i] for i in range(0, len(corpus.val), 4)])  # held-out clean windows
 

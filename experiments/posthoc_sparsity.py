@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import inrun
-from inrun.posthoc import find_checkpoints
-from inrun.recorder import InRunRecorder
+from inrun.posthoc.values import find_checkpoints
+from inrun.valuation.recorder import InRunRecorder
 
 
 def digits(n_train: int, n_test: int, seed: int) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inrun.reader import Run, open_run
+from inrun.store.reader import Run, open_run
 
 
 def _orders(run: Run) -> list[int]:
@@ -84,7 +84,7 @@ def posthoc_lines(run: Run, top: int) -> list[str]:
     path = posthoc_path(run)
     if not path.exists():
         return []
-    from inrun.posthoc import PosthocValues
+    from inrun.posthoc.values import PosthocValues
 
     result = PosthocValues.load(path)
     kinds, counts = np.unique([note.split(" (")[0] for note in result.approximation], return_counts=True)

@@ -1,4 +1,4 @@
-"""TracIn, LoGra and DataInf (inrun.baselines) against direct numpy implementations of ALGORITHMS.md's formulas.
+"""TracIn, LoGra and DataInf (inrun.posthoc.baselines) against direct numpy implementations of ALGORITHMS.md's formulas.
 
 The projected vectors the references use are computed independently: per-sample gradients from ``torch.func``
 (tests/reference.py) projected with the matrices read from the store with h5py; step sizes and stored projected
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import inrun
-from inrun import baselines
+from inrun.engine.projection import BlockLayout
+from inrun.posthoc import baselines
 from tests.reference import per_sample_grads
 from tests.test_embeddings import loss_fn, project, read_layout, read_records, record
 
@@ -38,7 +39,7 @@ def blocks(layout):
 
 
 def as_block_layout(layout):
-    return [inrun.projection.BlockLayout(**b) for b in layout]
+    return [BlockLayout(**b) for b in layout]
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -139,7 +140,7 @@ def test_training_gradients_keep_one_row_per_id_and_need_indices(run_data):
         ids, grads = baselines.training_gradients(run, rec.model, loss_fn, twice)
         np.testing.assert_array_equal(ids, np.arange(7))
         np.testing.assert_allclose(grads, train[:7], rtol=1e-5, atol=1e-10)
-        with pytest.raises(inrun.embeddings.EmbeddingsError, match="dataset indices"):
+        with pytest.raises(inrun.posthoc.EmbeddingsError, match="dataset indices"):
             baselines.training_gradients(run, rec.model, loss_fn, {"x": rec.x, "y": rec.y})
         ids, grads = baselines.training_gradients(run, rec.model, loss_fn, {"x": rec.x[:3], "y": rec.y[:3]},
                                                   index_fn=lambda batch: torch.tensor([9, 8, 7]))

@@ -195,7 +195,7 @@ def test_every_epoch_occurrence_is_recorded_and_run_values_sum_them(uninterrupte
     for order in (1, 2):
         sums = np.bincount(records["sample_id"], weights=records[f"value_{order}"])
         try:
-            from inrun.reader import open_run
+            from inrun.store.reader import open_run
         except ImportError:  # the reader is optional for this test; the sums above are the run values
             continue
         with open_run(uninterrupted) as run:
@@ -390,7 +390,7 @@ def test_store_survives_sigkill_and_resumes(tmp_path, uninterrupted):
     np.testing.assert_allclose(records["value_2"], ref_records["value_2"][: n * BATCH], rtol=1e-10)
     np.testing.assert_allclose(steps["residual_2"], ref_steps["residual_2"][:n], rtol=1e-8, atol=1e-14)
     try:
-        from inrun.reader import open_run
+        from inrun.store.reader import open_run
     except ImportError:
         open_run = None
     if open_run is not None:

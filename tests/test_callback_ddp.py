@@ -214,9 +214,9 @@ def test_ddp_values_match_an_independent_replay(ddp_run):
 def test_run_level_efficiency_residual_sums_over_ranks(ddp_run):
     """The efficiency residual of a step is (values of ALL ranks) - utility; a rank holds only half the values.
 
-    Read through ``inrun.reader.open_run`` (the run-level view): its steps table must give that residual.
+    Read through ``inrun.store.open_run`` (the run-level view): its steps table must give that residual.
     """
-    reader = pytest.importorskip("inrun.reader")
+    reader = pytest.importorskip("inrun.store.reader")
     ranks = [read_store(ddp_run / f"run.rank{r}.h5") for r in range(WORLD)]
     steps0 = ranks[0][0]
     utility = steps0["val_loss_base"] - steps0["val_loss_after"]

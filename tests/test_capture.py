@@ -10,17 +10,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import reference as R
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import inrun
-import reference as R
 from inrun import GradientCapture, capture_batch
-from inrun.factors import DenseSide, FlatFactor
-
-
+from inrun.engine.factors import DenseSide, FlatFactor
 
 
 def mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
@@ -201,7 +199,7 @@ def test_activation_checkpointing_manual_loop(reentrant):
 def test_activation_checkpointing_grad_dots(reentrant):
     """grad_dots / grad_norms on a checkpointed model.
 
-    The reentrant case currently fails: ``capture_batch`` (inrun/persample.py) calls ``torch.autograd.grad``, which
+    The reentrant case currently fails: ``capture_batch`` (inrun/engine/products.py) calls ``torch.autograd.grad``, which
     reentrant checkpointing refuses ("incompatible with .grad() or passing an `inputs` parameter to .backward()").
     """
     model, plain = _checkpoint_models(reentrant)
@@ -396,7 +394,7 @@ class KeywordCall(nn.Module):
 def test_layer_called_with_a_keyword_input():
     """``linear(input=x)`` is a valid call; the forward hook must find the input among the keyword arguments.
 
-    Currently fails with IndexError: the forward hook in inrun/capture.py reads ``args[0]``, and a forward hook
+    Currently fails with IndexError: the forward hook in inrun/engine/capture.py reads ``args[0]``, and a forward hook
     registered without ``with_kwargs=True`` gets an empty ``args`` for a keyword-only call.
     """
     model = KeywordCall().double()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import inrun
-from inrun.recorder import InRunRecorder
+from inrun.valuation.recorder import InRunRecorder
 
 SOURCES = ["clean", "noisy"]
 

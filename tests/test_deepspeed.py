@@ -176,7 +176,7 @@ def reference_store(case: Case, world: int, path: Path) -> Path:
     it again (NOTES.md): the Lightning cases train on mean loss / gas^2, and so does their reference.
     """
     divisor = case.gas**2 if case.lightning else case.gas
-    from inrun.recorder import InRunRecorder
+    from inrun.valuation.recorder import InRunRecorder
 
     model = make_model()
     optimizer = make_optimizer(case.optimizer, model.parameters())
@@ -596,7 +596,7 @@ def test_a_rank_dying_leaves_the_other_stores_readable(tmp_path, references):
 
 
 def test_update_rule_from_the_base_optimizer():
-    from inrun.callbacks.deepspeed import deepspeed_update_rule
+    from inrun.callbacks.deepspeed_engine import deepspeed_update_rule
 
     params = [nn.Parameter(torch.zeros(2))]
     assert deepspeed_update_rule(torch.optim.SGD(params, lr=0.1)) == "sgd"

@@ -1,4 +1,4 @@
-"""Data value embeddings (inrun.embeddings) against independent references.
+"""Data value embeddings (inrun.posthoc) against independent references.
 
 The references use nothing from inrun but the recorded store read with h5py: per-sample gradients come from
 ``torch.func`` (tests/reference.py) at the parameters saved before every step, contributions are those gradients
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import inrun
-from inrun import embeddings as dv
-from inrun.embeddings import EmbeddingsError
-from inrun.recorder import InRunRecorder
+from inrun.posthoc import build as dv_build
+from inrun.posthoc import embeddings as dv
+from inrun.posthoc.record import EmbeddingsError
+from inrun.valuation.recorder import InRunRecorder
 from tests.reference import per_sample_grads
 
 DTYPE = torch.float64
@@ -206,7 +207,7 @@ def test_recursion_matches_explicit_unprojected_reference(exact_run, tmp_path, g
     records = read_records(exact_run.path)
     # the stored projected contributions are the reference contributions (float32 storage)
     np.testing.assert_allclose(records["proj_grad"], per_record(contribs, records), rtol=1e-5, atol=1e-7)
-    out = dv.build_embeddings(exact_run.path, tmp_path / "e.h5", dtype="float64", hessian_scale=gamma, progress=False)
+    out = dv_build.build_embeddings(exact_run.path, tmp_path / "e.h5", dtype="float64", hessian_scale=gamma, progress=False)
     expected = per_record(reference_embeddings(contribs, layout, exact_run.lr, gamma), records)
     got = emb_rows(out)
     assert np.abs(expected).max() > 1e-3
@@ -252,16 +253,16 @@ def test_projected_build_matches_in_memory_recursion_for_any_chunking(projected_
     expected = explicit_recursion(records, scales, layout)
     results = []
     for chunk in (1, 3, 64):
-        out = dv.build_embeddings(projected_run.path, tmp_path / f"c{chunk}.h5", chunk_steps=chunk, dtype="float64",
+        out = dv_build.build_embeddings(projected_run.path, tmp_path / f"c{chunk}.h5", chunk_steps=chunk, dtype="float64",
                                   progress=False)
         results.append(emb_rows(out))
         np.testing.assert_allclose(results[-1], expected, rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(results[0], results[1])
     # a byte budget smaller than one step still makes progress, one step per chunk
-    out = dv.build_embeddings(projected_run.path, tmp_path / "tiny.h5", max_chunk_bytes=1, dtype="float64", progress=False)
+    out = dv_build.build_embeddings(projected_run.path, tmp_path / "tiny.h5", max_chunk_bytes=1, dtype="float64", progress=False)
     np.testing.assert_array_equal(emb_rows(out), results[0])
     # float32 arithmetic agrees to float32 precision
-    out = dv.build_embeddings(projected_run.path, tmp_path / "f32.h5", chunk_steps=2, progress=False)
+    out = dv_build.build_embeddings(projected_run.path, tmp_path / "f32.h5", chunk_steps=2, progress=False)
     np.testing.assert_allclose(emb_rows(out), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
@@ -273,10 +274,10 @@ def test_projected_contributions_match_explicit_projection(projected_run):
 
 
 def test_interrupted_build_resumes_to_the_same_result(projected_run, tmp_path, monkeypatch):
-    whole = emb_rows(dv.build_embeddings(projected_run.path, tmp_path / "whole.h5", chunk_steps=2, dtype="float64",
+    whole = emb_rows(dv_build.build_embeddings(projected_run.path, tmp_path / "whole.h5", chunk_steps=2, dtype="float64",
                                          progress=False))
     out = tmp_path / "broken.h5"
-    real_commit = dv._commit_chunk
+    real_commit = dv_build._commit_chunk
     calls = {"n": 0}
 
     def crash_after_two(f, blocks, below):
@@ -285,10 +286,10 @@ def test_interrupted_build_resumes_to_the_same_result(projected_run, tmp_path, m
             raise KeyboardInterrupt("simulated crash")
         real_commit(f, blocks, below)
 
-    monkeypatch.setattr(dv, "_commit_chunk", crash_after_two)
+    monkeypatch.setattr(dv_build, "_commit_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        dv.build_embeddings(projected_run.path, out, chunk_steps=2, dtype="float64", progress=False)
-    monkeypatch.setattr(dv, "_commit_chunk", real_commit)
+        dv_build.build_embeddings(projected_run.path, out, chunk_steps=2, dtype="float64", progress=False)
+    monkeypatch.setattr(dv_build, "_commit_chunk", real_commit)
     with h5py.File(out, "r") as f:
         assert int(f.attrs["complete"]) == 0
         assert json.loads(f.attrs["progress"])["below"] == 4  # steps 4..7 done and committed
@@ -303,15 +304,15 @@ def test_interrupted_build_resumes_to_the_same_result(projected_run, tmp_path, m
         counted["n"] += 1
         real_commit(f, blocks, below)
 
-    monkeypatch.setattr(dv, "_commit_chunk", counting)
-    dv.build_embeddings(run, out, chunk_steps=2, dtype="float64", progress=False)
+    monkeypatch.setattr(dv_build, "_commit_chunk", counting)
+    dv_build.build_embeddings(run, out, chunk_steps=2, dtype="float64", progress=False)
     assert counted["n"] == 2
     np.testing.assert_allclose(emb_rows(out), whole, rtol=1e-12, atol=0)
     # a complete file is left alone; another configuration is refused unless resume=False
-    dv.build_embeddings(run, out, chunk_steps=2, dtype="float64", progress=False)
+    dv_build.build_embeddings(run, out, chunk_steps=2, dtype="float64", progress=False)
     assert counted["n"] == 2
     with pytest.raises(EmbeddingsError, match="resume=False"):
-        dv.build_embeddings(run, out, dtype="float64", hessian_scale=1.0, progress=False)
+        dv_build.build_embeddings(run, out, dtype="float64", hessian_scale=1.0, progress=False)
     run.close()
 
 
@@ -320,7 +321,7 @@ def test_influence_checkpointing_equals_truncated_reference(exact_run, tmp_path)
     contribs = reference_contributions(exact_run, layout, mats)
     records = read_records(exact_run.path)
     until = 5
-    out = dv.build_embeddings(exact_run.path, tmp_path / "ckpt.h5", until_step=until, dtype="float64", progress=False)
+    out = dv_build.build_embeddings(exact_run.path, tmp_path / "ckpt.h5", until_step=until, dtype="float64", progress=False)
     got = emb_rows(out)
     expected = per_record(reference_embeddings(contribs, layout, exact_run.lr, "batch", until=until), records)
     early = records["step"] < until
@@ -332,10 +333,10 @@ def test_influence_checkpointing_equals_truncated_reference(exact_run, tmp_path)
     for k, i in enumerate(ids):
         np.testing.assert_allclose(sums[k], expected[early & (records["sample_id"] == i)].sum(0), atol=1e-8)
     with pytest.raises(EmbeddingsError, match="until_step"):
-        dv.build_embeddings(exact_run.path, tmp_path / "bad.h5", until_step=99, progress=False)
+        dv_build.build_embeddings(exact_run.path, tmp_path / "bad.h5", until_step=99, progress=False)
     with inrun.open_run(exact_run.path) as run:
-        assert dv.default_embeddings_path(run, until).name == "run.dvemb.step5.h5"
-        assert dv.default_embeddings_path(run).name == "run.dvemb.h5"
+        assert dv_build.default_embeddings_path(run, until).name == "run.dvemb.step5.h5"
+        assert dv_build.default_embeddings_path(run).name == "run.dvemb.h5"
 
 
 # ------------------------------------------------------------------------------------------------ queries
@@ -351,7 +352,7 @@ def test_trajectory_loo_matches_explicit_reference(exact_run, tmp_path):
     ids = np.unique(records["sample_id"])
     expected = np.stack([expected_rows[records["sample_id"] == i].sum(0) for i in ids])
     out = tmp_path / "e.h5"
-    dv.build_embeddings(exact_run.path, out, dtype="float64", progress=False)
+    dv_build.build_embeddings(exact_run.path, out, dtype="float64", progress=False)
     with inrun.open_run(exact_run.path) as run:
         got = dv.trajectory_loo(run, exact_run.model, loss_fn, exact_run.test, embeddings=out)
         assert got.shape == (len(run.sample_ids), 3)
@@ -397,7 +398,7 @@ def test_step_influence_matches_reference(projected_run, tmp_path):
     emb = explicit_recursion(records, scales, layout)
     test = project(per_sample_grads(projected_run.model, loss_fn, projected_run.test), layout, mats).mean(0)
     expected = [np.mean(emb[records["step"] == s] @ test) / LR for s in range(len(projected_run.order))]
-    out = dv.build_embeddings(projected_run.path, tmp_path / "e.h5", dtype="float64", progress=False)
+    out = dv_build.build_embeddings(projected_run.path, tmp_path / "e.h5", dtype="float64", progress=False)
     with inrun.open_run(projected_run.path) as run:
         steps, values = dv.step_influence(run, projected_run.model, loss_fn, projected_run.test, embeddings=out)
     np.testing.assert_array_equal(steps, np.arange(len(projected_run.order)))
@@ -435,7 +436,7 @@ def test_multi_rank_run_equals_single_rank_union(tmp_path):
         rec.close()
     with inrun.open_run(tmp_path / "run.h5") as run:
         assert run.world_size == 2
-        out = dv.build_embeddings(run, dtype="float64", chunk_steps=3, progress=False)
+        out = dv_build.build_embeddings(run, dtype="float64", chunk_steps=3, progress=False)
         assert out == tmp_path / "run.dvemb.h5"
         got = emb_rows(out)
         rec0, rec1 = read_records(run.paths[0]), read_records(run.paths[1])
@@ -470,11 +471,11 @@ def test_run_without_embeddings_is_refused(tmp_path):
         with pytest.raises(EmbeddingsError, match="without embeddings.*embeddings=True"):
             dv.trajectory_loo(run, model, loss_fn, rec.test)
         with pytest.raises(EmbeddingsError, match="without embeddings"):
-            dv.build_embeddings(run, progress=False)
+            dv_build.build_embeddings(run, progress=False)
 
 
 def test_mismatched_model_is_named(projected_run, tmp_path):
-    out = dv.build_embeddings(projected_run.path, tmp_path / "e.h5", progress=False)
+    out = dv_build.build_embeddings(projected_run.path, tmp_path / "e.h5", progress=False)
     with inrun.open_run(projected_run.path) as run:
         with pytest.raises(EmbeddingsError, match=r"parameter '[02]\.weight' has shape \((7, 4|3, 7)\)"):
             dv.trajectory_loo(run, make_model(hidden=7), loss_fn, projected_run.test, embeddings=out)
@@ -487,16 +488,16 @@ def test_mismatched_model_is_named(projected_run, tmp_path):
 
 
 def test_embeddings_of_another_run_or_schema_are_refused(projected_run, exact_run, tmp_path):
-    other = dv.build_embeddings(exact_run.path, tmp_path / "other.h5", progress=False)
+    other = dv_build.build_embeddings(exact_run.path, tmp_path / "other.h5", progress=False)
     with inrun.open_run(projected_run.path) as run:
         with pytest.raises(EmbeddingsError, match="belongs to run"):
             dv.trajectory_loo(run, projected_run.model, loss_fn, projected_run.test, embeddings=other)
         with pytest.raises(EmbeddingsError, match="no embeddings file"):
             dv.trajectory_loo(run, projected_run.model, loss_fn, projected_run.test, embeddings=tmp_path / "missing.h5")
     newer = tmp_path / "newer.h5"
-    shutil.copy(dv.build_embeddings(projected_run.path, tmp_path / "mine.h5", progress=False), newer)
+    shutil.copy(dv_build.build_embeddings(projected_run.path, tmp_path / "mine.h5", progress=False), newer)
     with h5py.File(newer, "r+") as f:
-        f.attrs["schema_version"] = dv.SCHEMA_VERSION + 1
+        f.attrs["schema_version"] = dv_build.SCHEMA_VERSION + 1
     with inrun.open_run(projected_run.path) as run:
         with pytest.raises(EmbeddingsError, match="upgrade inrun"):
             dv.trajectory_loo(run, projected_run.model, loss_fn, projected_run.test, embeddings=newer)
@@ -506,14 +507,14 @@ def test_embeddings_of_another_run_or_schema_are_refused(projected_run, exact_ru
     with h5py.File(store, "r+") as f:
         f.attrs["schema_version"] = 99
     with pytest.raises(Exception, match="upgrade inrun"):
-        dv.build_embeddings(store, progress=False)
+        dv_build.build_embeddings(store, progress=False)
 
 
 def test_embeddings_of_a_run_that_went_on_are_refused(tmp_path):
     rec = record(tmp_path / "run.h5", embeddings={"k_rows": 2, "k_cols": 3})
-    out = dv.build_embeddings(rec.path, progress=False)
+    out = dv_build.build_embeddings(rec.path, progress=False)
     # append one more step to the store, as a resumed training would
-    from inrun.store import RunWriter
+    from inrun.store.writer import RunWriter
 
     with h5py.File(rec.path, "r") as f:
         row = f["records/proj_grad"][:1]
@@ -532,7 +533,7 @@ def test_unrecorded_steps_stay_nan(tmp_path):
     records = read_records(rec.path)
     odd = records["step"] % 2 == 1
     assert np.isnan(records["proj_grad"][odd]).all()
-    out = dv.build_embeddings(rec.path, dtype="float64", progress=False)
+    out = dv_build.build_embeddings(rec.path, dtype="float64", progress=False)
     got = emb_rows(out)
     assert np.isnan(got[odd]).all() and np.isfinite(got[~odd]).all()
     layout, _ = read_layout(rec.path)
@@ -549,6 +550,6 @@ def test_unrecorded_steps_stay_nan(tmp_path):
 
 def test_bad_arguments(projected_run, tmp_path):
     with pytest.raises(ValueError, match="hessian_scale"):
-        dv.build_embeddings(projected_run.path, tmp_path / "x.h5", hessian_scale="mean", progress=False)
+        dv_build.build_embeddings(projected_run.path, tmp_path / "x.h5", hessian_scale="mean", progress=False)
     with pytest.raises(ValueError, match="chunk_steps"):
-        dv.build_embeddings(projected_run.path, tmp_path / "x.h5", chunk_steps=0, progress=False)
+        dv_build.build_embeddings(projected_run.path, tmp_path / "x.h5", chunk_steps=0, progress=False)

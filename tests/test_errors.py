@@ -7,11 +7,11 @@ import warnings
 from collections import OrderedDict
 
 import pytest
+import reference as R
 import torch
 from torch import nn
 
 import inrun
-import reference as R
 from inrun import (
     BatchMismatchError,
     GradientCapture,
@@ -21,8 +21,6 @@ from inrun import (
     UnsupportedLayerError,
     capture_batch,
 )
-
-
 
 
 def output_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

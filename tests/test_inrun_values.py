@@ -3,7 +3,7 @@
 The references use nothing from inrun: per-sample gradients come from ``torch.func`` (tests/reference.py), the
 optimizer step from torch's own optimizer, the update rule's scale from the formulas of ALGORITHMS.md, and exact
 Shapley values from enumerating every subset of a batch. The store is read back with h5py directly (only its
-committed part), so these tests do not depend on ``inrun.reader``.
+committed part), so these tests do not depend on ``inrun.store.reader``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inrun.recorder import InRunRecorder
+from inrun.valuation.recorder import InRunRecorder
 from tests.reference import per_sample_grads
 
 DTYPE = torch.float64

@@ -15,13 +15,13 @@ the public ``grad_dots`` / ``grad_norms``, and the routes reported for every tra
 from __future__ import annotations
 
 import pytest
+import reference as R
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import inrun
-import reference as R
 from inrun import GradientCapture, capture_batch
 
 settings.register_profile(

@@ -9,12 +9,12 @@ and float32, with several validation points; dots and squared norms on the defau
 from __future__ import annotations
 
 import pytest
+import reference as R
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import inrun
-import reference as R
 from inrun import GradientCapture, capture_batch
 
 DTYPES = [torch.float64, torch.float32]

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import inrun
-from inrun.embeddings import EmbeddingsError
 from inrun.errors import BatchMismatchError
-from inrun.posthoc import CheckpointError, PosthocValues, find_checkpoints
-from inrun.recorder import InRunRecorder
+from inrun.posthoc.record import EmbeddingsError
+from inrun.posthoc.values import CheckpointError, PosthocValues, find_checkpoints
+from inrun.valuation.recorder import InRunRecorder
 
 torch.set_default_dtype(torch.float64)
 G = torch.Generator().manual_seed(0)
@@ -137,8 +137,8 @@ def test_bad_input(exact_run, tmp_path):
 
 
 def test_report_shows_saved_posthoc_values_and_wandb_logs_them(exact_run):
-    from inrun.cli import posthoc_path, summary_lines
     from inrun.callbacks import log_posthoc
+    from inrun.cli import posthoc_path, summary_lines
 
     path, model = exact_run
     with inrun.open_run(path) as run:

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import inrun
-from inrun.reader import PhaseValues, find_rank_files, open_run
-from inrun.store import DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, IncompatibleStoreError, RunWriter, rank_path
+from inrun.store.paths import rank_path
+from inrun.store.reader import PhaseValues, find_rank_files, open_run
+from inrun.store.schema import DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, IncompatibleStoreError
+from inrun.store.writer import RunWriter
 
 PER_VAL = DEFAULT_RECORD_COLUMNS | {"value_1_per_val": (np.float32, (2,))}
 

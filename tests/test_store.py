@@ -19,16 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import inrun
-from inrun import store
-from inrun.store import (
-    DEFAULT_RECORD_COLUMNS,
-    DEFAULT_STEP_COLUMNS,
-    IncompatibleStoreError,
-    RankFile,
-    RunWriter,
-    StoreIOError,
-    rank_path,
-)
+from inrun.store import compression, writer
+from inrun.store.paths import rank_path
+from inrun.store.rankfile import RankFile
+from inrun.store.schema import DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, IncompatibleStoreError, StoreIOError
+from inrun.store.writer import RunWriter
 
 EXTRA_RECORD_COLUMNS = {"per_val": (np.float32, (3,)), "emb": (np.float16, (2, 3))}
 RECORD_COLUMNS = DEFAULT_RECORD_COLUMNS | EXTRA_RECORD_COLUMNS
@@ -262,13 +257,9 @@ def test_creates_missing_parent_folders(tmp_path):
 
 # --------------------------------------------------------------------------------------------------------- kill -9
 
-# The child skips the package's __init__ (it imports torch: seconds) by registering a bare package module whose
-# __path__ is the inrun folder; `inrun.store` and `inrun.errors` then load on their own in a fraction of a second.
+# The child imports only the store (no torch): it loads in a fraction of a second.
 KILL_SCRIPT = DATA_CODE + '''
-import sys, types
-package = types.ModuleType("inrun")
-package.__path__, package.__version__ = [sys.argv[2]], "test"
-sys.modules["inrun"] = package
+import sys
 from inrun.store import DEFAULT_RECORD_COLUMNS, RunWriter
 columns = DEFAULT_RECORD_COLUMNS | {"per_val": (np.float32, (3,)), "emb": (np.float16, (2, 3))}
 writer = RunWriter(sys.argv[1], run_id="kill-test", record_columns=columns, flush_every=2)
@@ -286,8 +277,7 @@ def test_kill_9_leaves_every_committed_step_whole(tmp_path):
     script.write_text(KILL_SCRIPT)
     paths = [tmp_path / f"killed{trial}.h5" for trial in range(3)]
     # Three writers at once, each killed at a random moment.
-    package_dir = str(Path(store.__file__).parent)
-    children = [subprocess.Popen([sys.executable, str(script), str(p), package_dir], stdout=subprocess.PIPE, text=True)
+    children = [subprocess.Popen([sys.executable, str(script), str(p)], stdout=subprocess.PIPE, text=True)
                 for p in paths]
     rnd = random.Random(1234)
     try:
@@ -309,7 +299,7 @@ def test_kill_9_leaves_every_committed_step_whole(tmp_path):
             assert f.committed_rows == n_samples.sum() == int(f.file.attrs["committed_rows"])
             assert f.file["records/sample_id"].shape[0] >= f.committed_rows
         assert_tables(path, range(n))
-        store.repack(path)  # a crashed run's file can be compressed as it is
+        compression.repack(path)  # a crashed run's file can be compressed as it is
         assert_tables(path, range(n))
         with RunWriter(path, run_id="kill-test", resume=True) as w:  # and resumed where it stopped
             write_steps(w, range(n, n + 3))
@@ -399,7 +389,7 @@ def test_failed_write_keeps_the_committed_part_readable(tmp_path, monkeypatch, f
     n_record_cols, n_step_cols = len(RECORD_COLUMNS), len(DEFAULT_STEP_COLUMNS)
     ok_writes = n_record_cols + n_step_cols + (2 if fail_in == "records" else n_record_cols + 2)
     calls = {"n": 0}
-    real_write = store._write_rows
+    real_write = writer._write_rows
 
     def failing_write(dataset, start, rows):
         calls["n"] += 1
@@ -407,7 +397,7 @@ def test_failed_write_keeps_the_committed_part_readable(tmp_path, monkeypatch, f
             raise OSError(28, "No space left on device")
         real_write(dataset, start, rows)
 
-    monkeypatch.setattr(store, "_write_rows", failing_write)
+    monkeypatch.setattr(writer, "_write_rows", failing_write)
     w = new_writer(path, flush_every=3)
     write_steps(w, range(5))  # the first block (steps 0-2) commits
     with pytest.raises(StoreIOError, match=str(path)) as err:
@@ -417,7 +407,7 @@ def test_failed_write_keeps_the_committed_part_readable(tmp_path, monkeypatch, f
         w.append_step(*step_data(6))
     w.close()
     assert_tables(path, range(3))
-    monkeypatch.setattr(store, "_write_rows", real_write)
+    monkeypatch.setattr(writer, "_write_rows", real_write)
     with new_writer(path, resume=True) as w:
         write_steps(w, range(3, 6))
     assert_tables(path, range(6))
@@ -450,7 +440,7 @@ def test_failed_compression_keeps_the_complete_uncompressed_file(tmp_path, monke
     def no_space(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store, "_copy_store", no_space)
+    monkeypatch.setattr(compression, "_copy_store", no_space)
     path = tmp_path / "run.h5"
     w = new_writer(path)
     write_steps(w, range(4))

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from inrun.update_rules import UpdateTerms, rule_name, update_terms, warn_if_unknown
+from inrun.valuation.update_rules import UpdateTerms, rule_name, update_terms, warn_if_unknown
 
 SGD, ADAM, ADAMW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 

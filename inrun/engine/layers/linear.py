@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from inrun.factors import DenseSide, Factor, FlatFactor, OuterFactor
-from inrun.layers.registry import register_layer, sample_major
+from inrun.engine.factors import DenseSide, Factor, FlatFactor, OuterFactor
+from inrun.engine.layers.registry import register_layer, sample_major
 
 
 class LinearHandler:

@@ -1,7 +1,7 @@
 """The registry of layer handlers: which module types inrun attributes exactly, and how.
 
 A handler turns one call of a module -- the input it saw and the gradient of its output -- into per-sample gradient
-factors (:mod:`inrun.factors`) for each of the module's own parameters. Supporting a new layer type is one file: write
+factors (:mod:`inrun.engine.factors`) for each of the module's own parameters. Supporting a new layer type is one file: write
 a :class:`LayerHandler` and call :func:`register_layer`. Lookup is by exact type (a subclass may change ``forward``),
 or by qualified class name for optional dependencies such as Hugging Face's ``Conv1D``.
 """
@@ -12,7 +12,7 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
-from inrun.factors import Factor
+from inrun.engine.factors import Factor
 
 
 class LayerHandler(Protocol):

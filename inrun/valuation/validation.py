@@ -8,16 +8,15 @@ so ``param.grad`` is never touched, and with capture paused unless per-point gra
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from inrun.capture import GradientCapture
+from inrun.engine.capture import GradientCapture
+from inrun.engine.captured import LossFn
+from inrun.engine.products import capture_batch, per_sample_losses
 from inrun.errors import BatchMismatchError
-from inrun.persample import capture_batch, per_sample_losses
-
-LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

@@ -1,6 +1,6 @@
 """In-Run Data Shapley values of one optimizer step (ALGORITHMS.md, "In-Run Data Shapley").
 
-With ``u_i = -D * c_i`` (:mod:`inrun.update_rules`):
+With ``u_i = -D * c_i`` (:mod:`inrun.valuation.update_rules`):
 
 * first order:  ``phi_i = -<g_V(theta_t), u_i> = <D * g_V(theta_t), c_i>``;
 * second order: ``phi_i = <D * g_V(theta_mid), c_i>`` with ``theta_mid = theta_t + Delta_0 + Delta_B / 2``, the
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from inrun.persample import CapturedBatch
-from inrun.update_rules import UpdateTerms
-from inrun.validation import ValidationSet, shifted_parameters
+from inrun.engine.captured import CapturedBatch
+from inrun.valuation.update_rules import UpdateTerms
+from inrun.valuation.validation import ValidationSet, shifted_parameters
 
 
 @dataclass

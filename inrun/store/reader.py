@@ -6,14 +6,15 @@ with millions of records read in about a second. Values follow ALGORITHMS.md: po
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from inrun.store import IncompatibleStoreError, RankFile
+from inrun.store.paths import find_rank_files
+from inrun.store.rankfile import RankFile
+from inrun.store.schema import IncompatibleStoreError
 
 NORMALIZATIONS = ("none", "lr", "grad_norm", "count")
 SOURCE_NAMES_PATH = "sources/names"
@@ -53,35 +54,6 @@ def open_run(path: str | Path) -> "Run":
         for f in files:
             f.close()
         raise
-
-
-SIDECAR_MARKERS = (".dvemb.", ".posthoc.")  # files inrun writes next to a run that are not rank stores
-
-
-def _stores_only(files: list[Path]) -> list[Path]:
-    return [f for f in files if not any(marker in f.name for marker in SIDECAR_MARKERS)]
-
-
-def find_rank_files(path: str | Path) -> list[Path]:
-    """The store files ``path`` names: itself, the ``*.h5`` files of a folder, or ``<prefix>.rank*.h5`` /
-    ``<prefix>*.h5`` (a trailing ``.h5`` of the prefix is dropped). Embedding and post-hoc files are skipped."""
-    path = Path(path)
-    if path.is_dir():
-        files = _stores_only(sorted(path.glob("*.h5")))
-        if not files:
-            raise FileNotFoundError(f"no run store (*.h5 files) in folder {path}")
-        return files
-    if path.is_file():
-        return [path]
-    prefix = path.name[: -len(".h5")] if path.name.endswith(".h5") else path.name
-    folder = path.parent
-    for pattern in (f"{glob.escape(prefix)}.rank*.h5", f"{glob.escape(prefix)}*.h5"):
-        files = _stores_only(sorted(folder.glob(pattern)))
-        if files:
-            return files
-    raise FileNotFoundError(
-        f"no run store at {path}: it is neither a file nor a folder, and no files match {folder / prefix}*.h5"
-    )
 
 
 def _check_one_run(files: list[RankFile], asked: Path) -> list[RankFile]:
@@ -410,17 +382,13 @@ class Run:
 
     def trajectory_loo(self, model, loss_fn, test_batch, **options) -> np.ndarray:
         """Data value embedding estimates of trajectory-specific leave-one-out, ``[n_ids, n_test]`` in the order of
-        ``sample_ids`` (positive = helped); see :func:`inrun.embeddings.trajectory_loo` for the options."""
-        from inrun.embeddings import trajectory_loo
-
-        return trajectory_loo(self, model, loss_fn, test_batch, **options)
+        ``sample_ids`` (positive = helped); see :func:`inrun.posthoc.trajectory_loo` for the options."""
+        return _posthoc().trajectory_loo(self, model, loss_fn, test_batch, **options)
 
     def posthoc_values(self, model, loss_fn, test_batch, **options):
         """First- and second-order In-Run Shapley values for test points chosen after training (from projected
         gradients and model checkpoints); see :func:`inrun.posthoc.posthoc_values`."""
-        from inrun.posthoc import posthoc_values
-
-        return posthoc_values(self, model, loss_fn, test_batch, **options)
+        return _posthoc().posthoc_values(self, model, loss_fn, test_batch, **options)
 
     def close(self) -> None:
         """Close every rank file (the ``Run`` is unusable afterwards)."""
@@ -440,6 +408,14 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def _posthoc():
+    """The post-hoc package, imported on first use: the one place the store reaches above itself, so that reading a
+    run needs neither torch nor the post-hoc code unless one of its methods is called."""
+    import importlib
+
+    return importlib.import_module("inrun.posthoc")
 
 
 def _unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,22 +26,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from inrun.capture import GradientCapture
-from inrun.embeddings import (
+from inrun.engine.capture import GradientCapture
+from inrun.engine.captured import LossFn
+from inrun.engine.products import capture_batch
+from inrun.engine.projection import BlockLayout, Projector
+from inrun.posthoc.record import (
     EmbeddingsError,
-    _RunRecord,
+    RunRecord,
     _check_captured_shapes,
     check_model,
     load_projector,
     project_test_gradients,
 )
-from inrun.persample import capture_batch
-from inrun.projection import BlockLayout, Projector
-from inrun.reader import Run
-from inrun.recorder import batch_field
-from inrun.validation import eval_mode
+from inrun.store.reader import Run
+from inrun.valuation.recorder import batch_field
+from inrun.valuation.validation import eval_mode
 
-LossFn = Callable[[nn.Module, Any], Tensor]
 ROW_BLOCK = 1 << 14
 
 
@@ -129,7 +129,7 @@ def tracin(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, *,
     """
     projector = load_projector(run)
     test = project_test_gradients(projector, model, loss_fn, test_batch)
-    record = _RunRecord(run)
+    record = RunRecord(run)
     try:
         parts = []
         for k, rank in enumerate(record.ranks):

@@ -20,8 +20,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from inrun.factors import OuterFactor
-from inrun.persample import CapturedBatch
+from inrun.engine.captured import CapturedBatch
+from inrun.engine.factors import OuterFactor
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Registered by qualified name, so transformers is never imported by inrun.
 """
 
-from inrun.layers.linear import LinearHandler
-from inrun.layers.registry import register_layer
+from inrun.engine.layers.linear import LinearHandler
+from inrun.engine.layers.registry import register_layer
 
 register_layer("transformers.pytorch_utils.Conv1D", LinearHandler(input_major=True))

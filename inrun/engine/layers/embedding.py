@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from inrun.factors import DenseSide, Factor, IndexSide, OuterFactor
-from inrun.layers.registry import register_layer
+from inrun.engine.factors import DenseSide, Factor, IndexSide, OuterFactor
+from inrun.engine.layers.registry import register_layer
 
 
 class EmbeddingHandler:

@@ -1,222 +1,55 @@
-"""The run store: one HDF5 file per rank with one row per optimizer step and one row per sample occurrence.
+"""``RunWriter``: appends one rank's steps and records under a commit protocol that survives ``kill -9``.
 
-``RunWriter`` buffers rows in memory and appends them in blocks under a commit protocol that survives ``kill -9``;
-``RankFile`` is the low-level read-only view of one file that ``inrun.reader`` builds on.
-The layout is documented in docs/store-schema.md; change it only together with ``SCHEMA_VERSION`` and that page.
+Rows are buffered in memory and committed in blocks: records, then steps, flush, then the committed counts, flush
+again, so the counts only ever cover whole steps that are on disk.
 
 Why the live file is uncompressed: HDF5 stores a compressed chunk at a new place each time it is rewritten and
 frees the old place, which it may reuse at once. A partly filled chunk holding committed rows is rewritten by the
 next block, so a crash could leave the last flushed index pointing at overwritten bytes (seen in 17 of 20 kill -9
 trials). Uncompressed chunks never move and their committed bytes are rewritten with the same values, so every
-committed step survives. ``close()`` then rewrites the finished file compressed and swaps it in atomically.
+committed step survives. ``close()`` then rewrites the finished file compressed (:mod:`inrun.store.compression`).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import uuid
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import h5py
 import numpy as np
 
-from inrun.errors import InRunError
+from inrun.store.compression import remove_stale_repack, repack
+from inrun.store.paths import new_run_id
+from inrun.store.rankfile import RankFile, committed_counts
+from inrun.store.schema import (
+    CREATE_OPTIONS,
+    DEFAULT_RECORD_COLUMNS,
+    DEFAULT_STEP_COLUMNS,
+    FORMAT,
+    OPEN_OPTIONS,
+    RECORDS,
+    REQUIRED_RECORD_COLUMNS,
+    REQUIRED_STEP_COLUMNS,
+    SCHEMA_VERSION,
+    STEPS,
+    Column,
+    IncompatibleStoreError,
+    StoreError,
+    StoreIOError,
+    as_column,
+    as_columns,
+    compression_options,
+    create_table,
+    fill_value,
+    inrun_version,
+    open_error,
+    table_columns,
+)
 
-FORMAT = "inrun-run"
-SCHEMA_VERSION = 1
-
-# Superblock v0 ("earliest") keeps files readable after kill -9: with ("v110", "v110") HDF5 leaves a
-# "file is open for write" flag set that blocks every later open until h5clear is run.
-# The upper bound "v110" allows large attributes while keeping HDF5 1.10+ readers working.
-LIBVER = ("earliest", "v110")
-CHUNK_ELEMENTS = 16384  # target elements per chunk (NOTES.md: 16-64k elements, written in blocks)
-CHUNK_CACHE_BYTES = 32 << 20
-COPY_BLOCK_ELEMENTS = 1 << 22  # elements per block when rewriting a table
-STEPS, RECORDS = "steps", "records"
-REPACK_SUFFIX = ".repack.tmp"
-OPEN_OPTIONS = {"libver": LIBVER, "rdcc_nbytes": CHUNK_CACHE_BYTES}
-# The live file: no free-space reuse (a file creation setting, kept by the file), so bytes that the last flush
-# points at are never overwritten by a later allocation.
-CREATE_OPTIONS = {**OPEN_OPTIONS, "fs_strategy": "none"}
-
-
-class Column(NamedTuple):
-    """One column of the steps or records table: each row is an array of ``shape`` and ``dtype``.
-
-    ``fill`` is used when a row leaves the column out; ``None`` means NaN for float columns and "required" otherwise.
-    """
-
-    dtype: Any
-    shape: tuple[int, ...] = ()
-    fill: float | int | None = None
-
-
-DEFAULT_STEP_COLUMNS: dict[str, Column] = {
-    "step": Column(np.int64),  # optimizer step number, from 0
-    "lr": Column(np.float64),
-    "train_loss": Column(np.float64),
-    "val_loss": Column(np.float64),  # validation loss at the start of the step (theta_t)
-    "n_samples": Column(np.int64),  # filled by the writer
-    "row_start": Column(np.int64),  # filled by the writer: first row of this step in `records`
-    "skipped": Column(np.int8, fill=0),
-    "residual_1": Column(np.float64),  # efficiency residuals, NaN when not known
-    "residual_2": Column(np.float64),
-}
-
-DEFAULT_RECORD_COLUMNS: dict[str, Column] = {
-    "step": Column(np.int64),  # filled by the writer from the step row
-    "sample_id": Column(np.int64),
-    "value_1": Column(np.float64),
-    "value_2": Column(np.float64),
-    "grad_norm_sq": Column(np.float64),
-    "source": Column(np.int32, fill=-1),  # -1: the batch carries no source label
-}
-
-REQUIRED_STEP_COLUMNS = ("step", "n_samples", "row_start")
-REQUIRED_RECORD_COLUMNS = ("step", "sample_id")
 WRITER_STEP_COLUMNS = ("n_samples", "row_start")
-
-
-class StoreError(InRunError):
-    """A run store cannot be created, opened, written or read as asked."""
-
-
-class StoreIOError(StoreError, OSError):
-    """The file system refused: the store cannot be created, opened or written."""
-
-
-class IncompatibleStoreError(StoreError, ValueError):
-    """The file is not an inrun run store this code can use (format, schema, run id or columns differ)."""
-
-
-def new_run_id() -> str:
-    """A fresh run id; every rank of one run must be given the same one."""
-    return uuid.uuid4().hex
-
-
-def rank_path(path: str | Path, rank: int, world_size: int) -> Path:
-    """The file of ``rank``: ``path`` itself for one rank, else ``<path without .h5>.rank<r>.h5``.
-
-    ``inrun.open_run(path)`` finds these files again from the same ``path``.
-    """
-    path = Path(path)
-    if world_size == 1:
-        return path
-    stem = path.name[: -len(".h5")] if path.name.endswith(".h5") else path.name
-    return path.with_name(f"{stem}.rank{rank}.h5")
-
-
-# ----------------------------------------------------------------------------------------------------------- columns
-
-
-def as_column(spec: Column | tuple) -> Column:
-    """Normalise ``(dtype, shape)`` or ``(dtype, shape, fill)`` to a ``Column`` with a numpy dtype and int shape."""
-    col = Column(*spec)
-    dtype = np.dtype(col.dtype)
-    if dtype.kind not in "biuf":
-        raise TypeError(f"column dtype {dtype} is not supported: use a bool, integer or float dtype")
-    shape = tuple(int(n) for n in col.shape)
-    if any(n < 1 for n in shape):
-        raise ValueError(f"column row shape {shape} has an empty dimension; every dimension must be >= 1")
-    return Column(dtype, shape, col.fill)
-
-
-def _as_columns(specs: Mapping[str, Column | tuple], required: tuple[str, ...], table: str) -> dict[str, Column]:
-    columns = {str(name): as_column(spec) for name, spec in specs.items()}
-    missing = [name for name in required if name not in columns]
-    if missing:
-        raise ValueError(f"the {table} table needs the columns {missing}; start from DEFAULT_{table.upper()}_COLUMNS")
-    return columns
-
-
-def _fill_value(name: str, col: Column) -> Any:
-    if col.fill is not None:
-        return col.fill
-    if col.dtype.kind == "f":
-        return np.nan
-    raise KeyError(f"column {name!r} has no value in this row and no fill value; pass it")
-
-
-def _chunk_rows(col: Column) -> int:
-    return max(1, CHUNK_ELEMENTS // math.prod(col.shape))
-
-
-def _compression_options(compression: str | None) -> dict[str, Any]:
-    if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-    if compression == "lzf":
-        return {"compression": "lzf", "shuffle": True}
-    if compression is None:
-        return {}
-    raise ValueError(f"compression must be 'gzip', 'lzf' or None, not {compression!r}")
-
-
-def _create_table(group: h5py.Group, columns: dict[str, Column], compression: str | None = None) -> None:
-    """One resizable dataset per column; chunked along rows. Live files use ``compression=None``."""
-    for name, col in columns.items():
-        ds = group.create_dataset(
-            name,
-            shape=(0, *col.shape),
-            maxshape=(None, *col.shape),
-            chunks=(_chunk_rows(col), *col.shape),
-            dtype=col.dtype,
-            **_compression_options(compression),
-        )
-        if col.fill is not None:
-            ds.attrs["fill"] = col.fill
-
-
-def table_columns(group: h5py.Group) -> dict[str, Column]:
-    """The column specs of a stored table, read back from its datasets."""
-    return {
-        name: Column(ds.dtype, tuple(ds.shape[1:]), _plain(ds.attrs["fill"]) if "fill" in ds.attrs else None)
-        for name, ds in group.items()
-    }
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-# ------------------------------------------------------------------------------------------------------------ header
-
-
-def _inrun_version() -> str:
-    import inrun  # at call time: the package imports this module
-
-    return str(inrun.__version__)
-
-
-def check_header(attrs: h5py.AttributeManager, path: Path) -> None:
-    """Raise a clear error unless ``attrs`` belong to an inrun run store of a schema this code reads."""
-    fmt = _plain(attrs.get("format"))
-    if fmt != FORMAT:
-        raise IncompatibleStoreError(f"{path} is not an inrun run store (its 'format' attribute is {fmt!r})")
-    version = int(attrs.get("schema_version", -1))
-    if version > SCHEMA_VERSION:
-        raise IncompatibleStoreError(
-            f"{path} was written by inrun {_plain(attrs.get('inrun_version'))} with schema {version}; "
-            f"this inrun ({_inrun_version()}) reads up to schema {SCHEMA_VERSION}; upgrade inrun"
-        )
-    if version < 1:
-        raise IncompatibleStoreError(f"{path} has no valid schema_version attribute ({version})")
-
-
-def _wrap_open_error(path: Path, err: OSError, mode: str) -> StoreIOError:
-    hint = ""
-    if "lock" in str(err).lower() or "already open" in str(err).lower():
-        hint = (" The file is open elsewhere (a training process still writing it, or a reader/writer in this"
-                " process): close that first.")
-    what = "read" if mode == "r" else "write"
-    return StoreIOError(f"cannot open run store {path} to {what}: {err}.{hint}")
-
-
-# ------------------------------------------------------------------------------------------------------------ writer
 
 
 class _Buffer:
@@ -291,7 +124,7 @@ class RunWriter:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..world_size-1 (world_size={world_size})")
-        _compression_options(compression)  # validate before touching the disk
+        compression_options(compression)  # validate before touching the disk
         self.path = Path(path)
         self.compression = compression
         self.flush_every = int(flush_every)
@@ -319,8 +152,8 @@ class RunWriter:
     # -- opening ---------------------------------------------------------------------------------------------------
 
     def _create_new(self, run_id, rank, world_size, step_columns, record_columns, overwrite):
-        step_cols = _as_columns(step_columns or DEFAULT_STEP_COLUMNS, REQUIRED_STEP_COLUMNS, "step")
-        record_cols = _as_columns(record_columns or DEFAULT_RECORD_COLUMNS, REQUIRED_RECORD_COLUMNS, "record")
+        step_cols = as_columns(step_columns or DEFAULT_STEP_COLUMNS, REQUIRED_STEP_COLUMNS, "step")
+        record_cols = as_columns(record_columns or DEFAULT_RECORD_COLUMNS, REQUIRED_RECORD_COLUMNS, "record")
         if self.path.is_dir():
             raise StoreIOError(
                 f"run store path {self.path} is a folder; give a file name such as {self.path / 'run.h5'}"
@@ -337,14 +170,14 @@ class RunWriter:
                 f"cannot create the folder of run store {self.path}: {err}. Choose a writable path."
             ) from err
         try:
-            _remove_stale_repack(self.path)
+            remove_stale_repack(self.path)
             file = h5py.File(self.path, "w", **CREATE_OPTIONS)
         except OSError as err:
-            raise _wrap_open_error(self.path, err, "w") from err
+            raise open_error(self.path, err, "w") from err
         try:
             self._write_header(file, run_id, rank, world_size)
-            _create_table(file.create_group(STEPS, track_order=True), step_cols)
-            _create_table(file.create_group(RECORDS, track_order=True), record_cols)
+            create_table(file.create_group(STEPS, track_order=True), step_cols)
+            create_table(file.create_group(RECORDS, track_order=True), record_cols)
             file.flush()
         except OSError as err:
             file.close()
@@ -358,7 +191,7 @@ class RunWriter:
         attrs = file.attrs
         attrs["format"] = FORMAT
         attrs["schema_version"] = SCHEMA_VERSION
-        attrs["inrun_version"] = _inrun_version()
+        attrs["inrun_version"] = inrun_version()
         attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         attrs["run_id"] = str(run_id)
         attrs["rank"] = int(rank)
@@ -373,13 +206,13 @@ class RunWriter:
             raise FileNotFoundError(
                 f"cannot resume run store {self.path}: no such file. Drop resume=True to start one."
             )
-        _remove_stale_repack(self.path)
+        remove_stale_repack(self.path)
         if _check_resumable(self.path, run_id, rank, world_size, step_columns, record_columns):
             repack(self.path, None)  # appending to compressed chunks is not crash-safe
         try:
             return h5py.File(self.path, "r+", **OPEN_OPTIONS)
         except OSError as err:
-            raise _wrap_open_error(self.path, err, "r+") from err
+            raise open_error(self.path, err, "r+") from err
 
     def _cut_uncommitted_tail(self) -> None:
         """Shrink every dataset back to the committed lengths: rows written after the last commit are dropped."""
@@ -479,7 +312,7 @@ class RunWriter:
             elif name in given:
                 block[name] = _cast_rows(name, given[name], col, n)
             else:
-                block[name] = np.full((n, *col.shape), _fill_value(name, col), col.dtype)
+                block[name] = np.full((n, *col.shape), fill_value(name, col), col.dtype)
         return block, n
 
     def _step_block(self, step_row: Mapping[str, Any], **filled: int) -> dict[str, np.ndarray]:
@@ -488,7 +321,7 @@ class RunWriter:
         for name, col in self.step_columns.items():
             value = filled[name] if name in filled else step_row.get(name, None)
             if value is None:
-                value = np.full(col.shape, _fill_value(name, col), col.dtype) if col.shape else _fill_value(name, col)
+                value = np.full(col.shape, fill_value(name, col), col.dtype) if col.shape else fill_value(name, col)
             block[name] = _cast_rows(name, np.asarray(value)[None], col, 1)
         return block
 
@@ -680,182 +513,3 @@ def _check_columns(group: h5py.Group, asked: Mapping[str, Any] | None, table: st
             f"{ {n: (str(c.dtype), c.shape) for n, c in wanted.items()} }. Resume with the same columns "
             f"(or {table}_columns=None)."
         )
-
-
-# ------------------------------------------------------------------------------------------------------------ repack
-
-
-def repack(path: str | Path, compression: str | None = "gzip") -> None:
-    """Rewrite a closed store with ``compression`` (None: uncompressed), keeping only committed rows.
-
-    Writes ``<path>.repack.tmp``, syncs it to disk, then renames it over ``path``: a crash at any moment leaves
-    either the old file or the new one. Also useful to compress the file of a run that crashed.
-    """
-    path = Path(path)
-    _compression_options(compression)  # validate
-    tmp = path.with_name(path.name + REPACK_SUFFIX)
-    try:
-        with h5py.File(path, "r") as src:
-            check_header(src.attrs, path)
-            file_options = {"libver": LIBVER} if compression else CREATE_OPTIONS
-            with h5py.File(tmp, "w", **file_options) as dst:
-                _copy_store(src, dst, path, compression)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _copy_store(src: h5py.File, dst: h5py.File, path: Path, compression: str | None) -> None:
-    steps, rows = committed_counts(src, path)
-    for key, value in src.attrs.items():
-        dst.attrs[key] = value
-    dst.attrs["committed_rows"] = rows
-    for table, n in ((STEPS, steps), (RECORDS, rows)):
-        columns = table_columns(src[table])
-        _create_table(dst.create_group(table, track_order=True), columns, compression)
-        for name in columns:
-            _copy_rows(src[table][name], dst[table][name], n)
-    for name in src:
-        if name not in (STEPS, RECORDS):
-            _copy_static(src[name], dst, compression)
-
-
-def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
-    dst.resize(n, axis=0)
-    chunk_rows = dst.chunks[0]  # whole chunks per block: no chunk is compressed twice
-    block = chunk_rows * max(1, COPY_BLOCK_ELEMENTS // (chunk_rows * math.prod(src.shape[1:])))
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        dst[start:stop] = src[start:stop]
-
-
-def _copy_static(obj: h5py.Group | h5py.Dataset, dst_parent: h5py.Group, compression: str | None) -> None:
-    """Copy a static group or dataset; large numeric datasets are (re)written with ``compression``."""
-    name = obj.name.rsplit("/", 1)[-1]
-    if isinstance(obj, h5py.Group):
-        group = dst_parent.create_group(name)
-        for key, value in obj.attrs.items():
-            group.attrs[key] = value
-        for child in obj.values():
-            _copy_static(child, group, compression)
-        return
-    if obj.dtype.kind in "biuf" and obj.size >= CHUNK_ELEMENTS:
-        ds = dst_parent.create_dataset(name, data=obj[()], **_compression_options(compression))
-        for key, value in obj.attrs.items():
-            ds.attrs[key] = value
-    else:
-        obj.file.copy(obj, dst_parent, name=name)
-
-
-def _remove_stale_repack(path: Path) -> None:
-    """Drop the temporary file of a repack that was interrupted (the store itself is intact)."""
-    path.with_name(path.name + REPACK_SUFFIX).unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ------------------------------------------------------------------------------------------------------------ reading
-
-
-def committed_counts(file: h5py.File, path: Path) -> tuple[int, int]:
-    """(steps, rows) that are committed: ``committed_steps`` and the rows those steps cover.
-
-    Rows are derived from the committed steps' ``row_start`` + ``n_samples``, so they always cover whole steps.
-    """
-    steps_table, records_table = file[STEPS], file[RECORDS]
-    steps = int(file.attrs["committed_steps"])
-    if steps > steps_table["step"].shape[0]:
-        raise StoreError(f"run store {path} is damaged: {steps} steps committed but only "
-                         f"{steps_table['step'].shape[0]} stored")
-    rows = 0
-    if steps:
-        rows = int(steps_table["row_start"][steps - 1]) + int(steps_table["n_samples"][steps - 1])
-    if rows > records_table["sample_id"].shape[0]:
-        raise StoreError(f"run store {path} is damaged: {rows} records committed but only "
-                         f"{records_table['sample_id'].shape[0]} stored")
-    return steps, rows
-
-
-class RankFile:
-    """Read-only view of one rank's store: header attributes and the committed part of both tables."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.file = h5py.File(self.path, "r")
-        except OSError as err:
-            if not self.path.exists():
-                raise FileNotFoundError(f"run store {self.path} does not exist") from err
-            raise _wrap_open_error(self.path, err, "r") from err
-        try:
-            check_header(self.file.attrs, self.path)
-            self.committed_steps, self.committed_rows = committed_counts(self.file, self.path)
-        except BaseException:
-            self.file.close()
-            raise
-        attrs = self.file.attrs
-        self.run_id = str(attrs["run_id"])
-        self.rank = int(attrs["rank"])
-        self.world_size = int(attrs["world_size"])
-        self.schema_version = int(attrs["schema_version"])
-        self.inrun_version = str(attrs.get("inrun_version", "unknown"))
-        self.created = str(attrs.get("created", ""))
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return json.loads(self.file.attrs.get("config", "{}"))
-
-    @property
-    def coverage(self) -> dict[str, Any]:
-        return json.loads(self.file.attrs.get("coverage", "{}"))
-
-    @property
-    def step_columns(self) -> dict[str, Column]:
-        return table_columns(self.file[STEPS])
-
-    @property
-    def record_columns(self) -> dict[str, Column]:
-        return table_columns(self.file[RECORDS])
-
-    def step_column(self, name: str) -> np.ndarray:
-        """Column ``name`` of the committed steps."""
-        return _column(self.file[STEPS], name, 0, self.committed_steps, self.path)
-
-    def record_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` (default: all committed) of record column ``name``."""
-        stop = self.committed_rows if stop is None else min(stop, self.committed_rows)
-        return _column(self.file[RECORDS], name, start, stop, self.path)
-
-    def has_static(self, path: str) -> bool:
-        return path.strip("/") in self.file
-
-    def static(self, path: str) -> np.ndarray:
-        """A static array written with ``RunWriter.write_static`` (strings come back as a str array)."""
-        ds = self.file[path.strip("/")]
-        if h5py.check_string_dtype(ds.dtype) is not None:
-            return np.asarray(ds.asstr()[()], dtype=str)
-        return ds[()]
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> "RankFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _column(group: h5py.Group, name: str, start: int, stop: int, path: Path) -> np.ndarray:
-    if name not in group:
-        raise KeyError(f"column {name!r} is not in {path}/{group.name.strip('/')}; columns: {list(group)}")
-    return group[name][start:stop]

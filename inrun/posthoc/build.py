@@ -1,4 +1,4 @@
-"""Data value embeddings (DVEmb) and trajectory-specific leave-one-out from the projected gradients of a run.
+"""Building data value embeddings (DVEmb): the streaming, resumable backward recursion over a run's projected gradients.
 
 ALGORITHMS.md, "Data value embeddings and trajectory-specific leave-one-out". A run recorded with
 ``embeddings=...`` holds, for every sample occurrence, its projected contribution ``g = P c_s(z)`` to the gradient of
@@ -24,8 +24,7 @@ of ``Run.records()`` (rank 0's committed rows, then rank 1's, ...), the per-samp
 the recursion state. The build streams the record backwards in chunks of steps, checkpoints ``M`` after every chunk
 (data first, then state, then one attribute that commits both) and resumes after a crash.
 
-Queries: :func:`trajectory_loo` (``Run.trajectory_loo`` delegates here) and :func:`step_influence`.
-Command line: ``python -m inrun.embeddings build RUN [--until-step N] [--device cuda]``.
+Command line: ``python -m inrun.posthoc.build RUN [--until-step N] [--device cuda]``.
 """
 
 from __future__ import annotations
@@ -33,209 +32,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from inrun.capture import GradientCapture
+from inrun.engine.projection import BlockLayout
 from inrun.errors import InRunError
-from inrun.persample import capture_batch
-from inrun.projection import BlockLayout, ProjectionSettings, Projector
-from inrun.reader import Run, open_run
-from inrun.store import LIBVER, SCHEMA_VERSION as STORE_SCHEMA_VERSION, RankFile, StoreError
-from inrun.validation import eval_mode
+from inrun.posthoc.record import EmbeddingsError, RunRecord, read_projection
+from inrun.store.reader import Run, open_run
+from inrun.store.schema import LIBVER, StoreError
+from inrun.version import __version__
 
 FORMAT = "inrun-dvemb"
+
+
 SCHEMA_VERSION = 1
+
+
 SUFFIX = ".dvemb.h5"
+
+
 ROW_BLOCK_BYTES = 64 << 20  # rows read at once when streaming the embeddings for a query
+
+
 SUMS_BUDGET_BYTES = 1 << 30  # float64 accumulator of the per-sample sums, per pass over the rows
-
-LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-class EmbeddingsError(InRunError, ValueError):
-    """Data value embeddings cannot be built or used as asked (a clear message says why and what to do)."""
-
-
-# ------------------------------------------------------------------------------------------------------ projection
-
-
-def has_embeddings(run: Run) -> bool:
-    """Whether ``run`` recorded projected per-sample gradients (``embeddings=...`` at recording time)."""
-    return "proj_grad" in run.record_columns and "proj_scale" in run.steps
-
-
-def _require_embeddings(run: Run) -> None:
-    if run.schema_version > STORE_SCHEMA_VERSION:
-        raise EmbeddingsError(
-            f"{run.paths[0]} has store schema {run.schema_version}; this inrun reads up to schema "
-            f"{STORE_SCHEMA_VERSION}; upgrade inrun"
-        )
-    if not has_embeddings(run):
-        raise EmbeddingsError(
-            f"run {run.paths[0]} was recorded without embeddings (no records/proj_grad): record with "
-            "InRunCallback(..., embeddings=True) or InRunRecorder(..., embeddings=True) (or a dict of projection "
-            "settings such as {'k_rows': 32, 'k_cols': 32}) to use data value embeddings, TracIn, LoGra or DataInf"
-        )
-
-
-def read_projection(run: Run) -> tuple[list[BlockLayout], dict[str, tuple[Tensor | None, Tensor | None]], ProjectionSettings]:
-    """The recorded layout, projection matrices (float64) and settings of ``run`` (from rank 0's file)."""
-    _require_embeddings(run)
-    with h5py.File(run.paths[0], "r") as f:
-        if "projection" not in f:
-            raise EmbeddingsError(f"{run.paths[0]} has records/proj_grad but no 'projection' group: the file is damaged")
-        group = f["projection"]
-        layout = [BlockLayout(**entry) for entry in json.loads(group.attrs["layout"])]
-        settings = ProjectionSettings.from_any(json.loads(group.attrs["settings"]))
-        matrices: dict[str, tuple[Tensor | None, Tensor | None]] = {}
-        for position, block in enumerate(layout):
-            sides = []
-            for side in ("rows", "cols"):
-                key = f"{position}/{side}"
-                sides.append(torch.from_numpy(np.asarray(group[key][()], dtype=np.float64)) if key in group else None)
-            matrices[block.name] = (sides[0], sides[1])
-    return layout, matrices, settings
-
-
-def load_projector(run: Run) -> Projector:
-    """A :class:`~inrun.projection.Projector` identical to the one the run recorded with."""
-    layout, matrices, settings = read_projection(run)
-    return Projector(layout, matrices, settings)
-
-
-def check_model(projector: Projector, capture: GradientCapture) -> None:
-    """Raise a clear error when the model's attributed parameters do not match the recorded layout."""
-    params = capture.parameters
-    for block in projector.layout:
-        param = params.get(block.name)
-        if param is None:
-            known = ", ".join(sorted(params)) or "none"
-            raise EmbeddingsError(
-                f"the model has no attributed parameter '{block.name}', which the run recorded (its attributed "
-                f"parameters: {known}); pass the model the run trained"
-            )
-        numel = block.rows * block.cols
-        if param.numel() != numel:
-            raise EmbeddingsError(
-                f"parameter '{block.name}' has shape {tuple(param.shape)} ({param.numel()} numbers) but the run "
-                f"recorded it as {block.rows} x {block.cols} ({numel}); pass the model the run trained"
-            )
-    if projector.settings.parameters is None:
-        extra = sorted(set(params) - {block.name for block in projector.layout})
-        if extra:
-            warnings.warn(
-                f"inrun: parameters {extra} of the model are not in the run's recorded layout; they are left out of "
-                "the test gradients", stacklevel=3)
-
-
-def _check_captured_shapes(projector: Projector, captured) -> None:
-    found = Projector.shapes_of(captured)
-    for block in projector.layout:
-        shape = found.get(block.name)
-        if shape is None:
-            continue  # unused by the test loss: its projected gradient is zero
-        expected = (block.rows, block.cols) if block.kind == "outer" else block.rows
-        if shape != expected:
-            raise EmbeddingsError(
-                f"parameter '{block.name}' gives per-sample gradients of shape {shape}, but the run recorded "
-                f"{expected}; pass the model the run trained"
-            )
-
-
-def project_test_gradients(run_or_projector: "Run | Projector", model: nn.Module, loss_fn: LossFn,
-                           test_batch: Any, *, allow_unsupported: bool = False) -> np.ndarray:
-    """Projected loss gradients of each test point, ``[n_test, D]`` float64, with the run's recorded projection.
-
-    ``loss_fn(model, batch) -> Tensor[n]``; the model is evaluated in eval mode; its parameters and ``param.grad``
-    are left as they were. ``test_batch`` may also be a list of batches (their points are concatenated).
-    """
-    projector = run_or_projector if isinstance(run_or_projector, Projector) else load_projector(run_or_projector)
-    batches = test_batch if isinstance(test_batch, list) and test_batch and not isinstance(test_batch[0], Tensor) else [test_batch]
-    parts = []
-    with GradientCapture(model, allow_unsupported=allow_unsupported) as capture:
-        check_model(projector, capture)
-        with eval_mode(model), torch.enable_grad():
-            for batch in batches:
-                captured = capture_batch(capture, model, loss_fn, batch)
-                _check_captured_shapes(projector, captured)
-                parts.append(projector.project_batch(captured).detach().double().cpu())
-    return torch.cat(parts).numpy()
-
-
-# ------------------------------------------------------------------------------------------------------ run access
-
-
-@dataclass
-class _RankSteps:
-    """One rank's committed steps: numbers, first row and row count of each, in step order."""
-
-    path: Path
-    steps: np.ndarray
-    row_start: np.ndarray
-    n_samples: np.ndarray
-    rows: int
-
-    def span(self, low: int, high: int) -> tuple[int, int, np.ndarray]:
-        """Rows ``[a, b)`` covering steps ``low <= step <= high``, and those steps' positions in the table."""
-        i, j = np.searchsorted(self.steps, low, "left"), np.searchsorted(self.steps, high, "right")
-        positions = np.arange(i, j)
-        if not len(positions):
-            return 0, 0, positions
-        return int(self.row_start[i]), int(self.row_start[j - 1] + self.n_samples[j - 1]), positions
-
-
-class _RunRecord:
-    """Per-rank read access to the committed ``proj_grad`` rows of a run (own read-only handles)."""
-
-    def __init__(self, run: Run):
-        _require_embeddings(run)
-        self.run = run
-        self.files = [RankFile(p) for p in run.paths]
-        self.ranks = []
-        for f in self.files:
-            self.ranks.append(_RankSteps(f.path, f.step_column("step"), f.step_column("row_start"),
-                                         f.step_column("n_samples"), f.committed_rows))
-        self.rank_rows = [r.rows for r in self.ranks]
-        self.offsets = np.concatenate([[0], np.cumsum(self.rank_rows)]).astype(np.int64)
-        steps = run.steps
-        self.step_numbers = np.asarray(steps["step"], np.int64)
-        self.scales = np.nan_to_num(np.asarray(steps["proj_scale"], np.float64), nan=0.0)
-        if self.scales.ndim == 1:
-            self.scales = self.scales[:, None]
-        self.dim = int(self.files[0].record_columns["proj_grad"].shape[0])
-
-    def scale_of(self, step: int) -> np.ndarray:
-        i = int(np.searchsorted(self.step_numbers, step))
-        if i == len(self.step_numbers) or self.step_numbers[i] != step:
-            raise EmbeddingsError(f"step {step} has records but no row in the steps table of {self.run.paths[0]}")
-        return self.scales[i]
-
-    def steps_with_rows(self, below: int) -> np.ndarray:
-        """Step numbers below ``below`` that hold at least one record on some rank, ascending."""
-        found = [r.steps[(r.n_samples > 0) & (r.steps < below)] for r in self.ranks]
-        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
-
-    def read(self, rank: int, a: int, b: int, column: str = "proj_grad") -> np.ndarray:
-        return self.files[rank].record_column(column, a, b)
-
-    def sample_ids(self) -> np.ndarray:
-        return np.concatenate([f.record_column("sample_id") for f in self.files])
-
-    def record_steps(self) -> np.ndarray:
-        return np.concatenate([f.record_column("step") for f in self.files])
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
 
 
 def default_embeddings_path(run: Run, until_step: int | None = None) -> Path:
@@ -249,16 +74,13 @@ def default_embeddings_path(run: Run, until_step: int | None = None) -> Path:
     return first.with_name(stem + suffix)
 
 
-# ------------------------------------------------------------------------------------------------------------ build
-
-
 def _resolve_device(device: "str | torch.device | None") -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _resolve_until(record: _RunRecord, until_step: int | None) -> int:
+def _resolve_until(record: RunRecord, until_step: int | None) -> int:
     last = int(record.step_numbers[-1]) if len(record.step_numbers) else -1
     if until_step is None:
         return last + 1
@@ -269,7 +91,7 @@ def _resolve_until(record: _RunRecord, until_step: int | None) -> int:
     return until_step
 
 
-def _identity(record: _RunRecord, until: int, layout: list[BlockLayout], dtype: torch.dtype,
+def _identity(record: RunRecord, until: int, layout: list[BlockLayout], dtype: torch.dtype,
               hessian_scale: "str | float") -> dict[str, Any]:
     return {
         "run_id": record.run.run_id,
@@ -296,7 +118,7 @@ def _describe_mismatch(attrs: h5py.AttributeManager, wanted: dict[str, Any]) -> 
     return problems
 
 
-def _check_header(attrs: h5py.AttributeManager, path: Path) -> None:
+def check_embeddings_header(attrs: h5py.AttributeManager, path: Path) -> None:
     fmt = attrs.get("format")
     if fmt != FORMAT:
         raise EmbeddingsError(f"{path} is not an inrun embeddings file (its 'format' attribute is {fmt!r})")
@@ -306,7 +128,7 @@ def _check_header(attrs: h5py.AttributeManager, path: Path) -> None:
                               f"{SCHEMA_VERSION}; upgrade inrun")
 
 
-def _progress(attrs: h5py.AttributeManager) -> dict[str, int]:
+def build_progress(attrs: h5py.AttributeManager) -> dict[str, int]:
     return json.loads(attrs["progress"])
 
 
@@ -318,7 +140,6 @@ def _create(out: Path, identity: dict[str, Any], layout: list[BlockLayout], tota
     attrs["format"] = FORMAT
     attrs["schema_version"] = SCHEMA_VERSION
     attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    from inrun import __version__
 
     attrs["inrun_version"] = __version__
     attrs["row_order"] = "Run.records() order: rank 0's committed rows, then rank 1's, ..."
@@ -345,7 +166,7 @@ def _commit_chunk(f: h5py.File, blocks: list[Tensor], below: int) -> None:
     The embeddings of the chunk are already written; a crash before the attribute leaves the previous state, from
     which the chunk is simply recomputed (it overwrites the same rows with the same numbers).
     """
-    slot = 1 - _progress(f.attrs)["slot"]
+    slot = 1 - build_progress(f.attrs)["slot"]
     group = f[f"state/{slot}"]
     for position, m in enumerate(blocks):
         group[str(position)][...] = m.cpu().numpy()
@@ -354,7 +175,7 @@ def _commit_chunk(f: h5py.File, blocks: list[Tensor], below: int) -> None:
     f.flush()
 
 
-def _chunks(steps_desc: np.ndarray, chunk_steps: int, record: _RunRecord, max_bytes: int) -> list[np.ndarray]:
+def _chunks(steps_desc: np.ndarray, chunk_steps: int, record: RunRecord, max_bytes: int) -> list[np.ndarray]:
     """Consecutive runs of steps (descending), each at most ``chunk_steps`` steps and about ``max_bytes`` of rows."""
     rows_per_step = np.zeros(len(steps_desc), np.int64)
     for r in record.ranks:
@@ -391,7 +212,7 @@ def build_embeddings(
     """Build the data value embeddings of a run recorded with embeddings; return the path of the file written.
 
     Args:
-        run_or_path: an open :class:`~inrun.reader.Run` or anything :func:`inrun.open_run` accepts.
+        run_or_path: an open :class:`~inrun.store.Run` or anything :func:`inrun.open_run` accepts.
         out: the output file; default ``<run>.dvemb.h5`` beside the run (``<run>.dvemb.step<N>.h5`` with
             ``until_step``).
         until_step: influence checkpointing: embeddings relative to the model at step ``until_step`` (the
@@ -434,7 +255,7 @@ def _build(run: Run, out, until_step, chunk_steps, device, dtype, resume, progre
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     device = _resolve_device(device)
     layout, _, _ = read_projection(run)
-    record = _RunRecord(run)
+    record = RunRecord(run)
     try:
         until = _resolve_until(record, until_step)
         out = Path(out) if out is not None else default_embeddings_path(run, until_step)
@@ -460,7 +281,7 @@ def _open_output(out: Path, identity: dict[str, Any], layout: list[BlockLayout],
         except OSError as err:
             raise EmbeddingsError(f"cannot open {out} to resume the build: {err}. Pass resume=False to start over.") from err
         try:
-            _check_header(f.attrs, out)
+            check_embeddings_header(f.attrs, out)
             problems = _describe_mismatch(f.attrs, identity)
         except BaseException:
             f.close()
@@ -478,13 +299,13 @@ def _open_output(out: Path, identity: dict[str, Any], layout: list[BlockLayout],
 
 
 def _load_state(f: h5py.File, layout: list[BlockLayout], device: torch.device, dtype: torch.dtype) -> tuple[int, list[Tensor]]:
-    state = _progress(f.attrs)
+    state = build_progress(f.attrs)
     group = f[f"state/{state['slot']}"]
     blocks = [torch.from_numpy(np.asarray(group[str(i)][()])).to(device=device, dtype=dtype) for i in range(len(layout))]
     return int(state["below"]), blocks
 
 
-def _recurse(f: h5py.File, record: _RunRecord, layout: list[BlockLayout], until: int, chunk_steps: int,
+def _recurse(f: h5py.File, record: RunRecord, layout: list[BlockLayout], until: int, chunk_steps: int,
              device: torch.device, dtype: torch.dtype, progress: bool, max_chunk_bytes: int,
              hessian_scale: "str | float") -> None:
     from tqdm.auto import tqdm
@@ -544,7 +365,7 @@ def _step(g: Tensor, blocks: list[Tensor], bounds: list[tuple[int, int]], scales
     return emb
 
 
-def _finalize(f: h5py.File, record: _RunRecord) -> None:
+def _finalize(f: h5py.File, record: RunRecord) -> None:
     """Per-sample sums of the occurrence embeddings (NaN rows left out), then the complete flag."""
     ids_all = record.sample_ids()
     ids, inverse = np.unique(ids_all, return_inverse=True)
@@ -578,164 +399,8 @@ def _finalize(f: h5py.File, record: _RunRecord) -> None:
     f.flush()
 
 
-# ------------------------------------------------------------------------------------------------------------ query
-
-
-class Embeddings:
-    """A complete embeddings file opened for reading, checked against its run."""
-
-    def __init__(self, path: Path, run: Run):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise EmbeddingsError(f"no embeddings file at {self.path}: build it with "
-                                  f"inrun.embeddings.build_embeddings({str(run.paths[0])!r}, out={str(self.path)!r})")
-        self.file = h5py.File(self.path, "r")
-        try:
-            self._check(run)
-        except BaseException:
-            self.file.close()
-            raise
-
-    def _check(self, run: Run) -> None:
-        attrs = self.file.attrs
-        _check_header(attrs, self.path)
-        if str(attrs["run_id"]) != run.run_id:
-            raise EmbeddingsError(f"{self.path} belongs to run {attrs['run_id']}, not to {run.paths[0]} "
-                                  f"(run {run.run_id}); pass the embeddings of this run, or build them")
-        if not int(attrs["complete"]):
-            below = _progress(attrs)["below"]
-            raise EmbeddingsError(
-                f"{self.path} is incomplete (the build stopped with steps below {below} of {int(attrs['until_step'])} "
-                f"left to do). Finish it with inrun.embeddings.build_embeddings({str(run.paths[0])!r}, "
-                f"out={str(self.path)!r}) or `python -m inrun.embeddings build {run.paths[0]} --out {self.path}`: "
-                "it resumes where it stopped"
-            )
-        rows = json.loads(attrs["rank_rows"])
-        now = [RankFile(p) for p in run.paths]
-        try:
-            current = [f.committed_rows for f in now]
-        finally:
-            for f in now:
-                f.close()
-        if rows != current:
-            raise EmbeddingsError(
-                f"{self.path} was built from {sum(rows)} records but the run now has {sum(current)}: the run went on "
-                "after the build. Rebuild with inrun.embeddings.build_embeddings(run, resume=False)"
-            )
-        self.until_step = int(attrs["until_step"])
-        self.layout = [BlockLayout(**b) for b in json.loads(attrs["layout"])]
-
-    @property
-    def sample_ids(self) -> np.ndarray:
-        return self.file["sample_ids"][()]
-
-    def iter_rows(self, name: str = "embeddings"):
-        """``(start, block)`` over the rows of ``name`` as float64, in blocks of about ``ROW_BLOCK_BYTES``."""
-        ds = self.file[name]
-        rows, dim = ds.shape
-        step = max(1, ROW_BLOCK_BYTES // (8 * max(dim, 1)))
-        for start in range(0, rows, step):
-            yield start, np.asarray(ds[start: start + step], dtype=np.float64)
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> "Embeddings":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def open_embeddings(run: Run, embeddings: "str | Path | None" = None, *, build: bool = True,
-                    progress: bool = True) -> Embeddings:
-    """The run's embeddings file (default path when ``embeddings`` is None, built there first when missing)."""
-    path = Path(embeddings) if embeddings is not None else default_embeddings_path(run)
-    if embeddings is None and build and not path.exists():
-        _require_embeddings(run)
-        build_embeddings(run, path, progress=progress)
-    return Embeddings(path, run)
-
-
-def trajectory_loo(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, *,
-                   embeddings: "str | Path | None" = None, per_occurrence: bool = False, build: bool = True,
-                   progress: bool = True) -> np.ndarray:
-    """Trajectory-specific leave-one-out estimates ``L_test(theta'_T) - L_test(theta_T)`` (positive = helped).
-
-    Returns ``[n_ids, n_test]`` with ids in the order of ``run.sample_ids``: removal of the sample from every step
-    that used it (the sum of its occurrence embeddings). With ``per_occurrence=True``: ``[n_records, n_test]`` in
-    the row order of ``run.records()`` (removal from that one step; NaN for steps whose projections were not
-    recorded). ``model`` must be the model at the end of the embeddings' range (the final model; the model at
-    ``until_step`` for a checkpointed build). ``embeddings``: an embeddings file (default ``<run>.dvemb.h5``, built
-    on first use when ``build``).
-    """
-    test = project_test_gradients(run, model, loss_fn, test_batch)
-    with open_embeddings(run, embeddings, build=build, progress=progress) as emb:
-        if per_occurrence:
-            return np.concatenate([block @ test.T for _, block in emb.iter_rows("embeddings")]) \
-                if emb.file["embeddings"].shape[0] else np.zeros((0, len(test)))
-        ids = emb.sample_ids
-        if not np.array_equal(ids, run.sample_ids):
-            raise EmbeddingsError(f"{emb.path} lists other sample ids than run {run.paths[0]}; rebuild it")
-        if not len(ids):
-            return np.zeros((0, len(test)))
-        return np.concatenate([block @ test.T for _, block in emb.iter_rows("sums")])
-
-
-def influence_path(run: Run) -> Path:
-    """Where :func:`step_influence` saves its curve for ``inrun report``: ``<run>.influence.npz``."""
-    return Path(run.paths[0]).with_suffix(".influence.npz")
-
-
-def step_influence(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, *,
-                   embeddings: "str | Path | None" = None, build: bool = True,
-                   progress: bool = True, save: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per step, the mean embedding-based influence of the step's batch on the mean test loss, with the step size
-    divided out: ``mean_{z in B_s} sum_b <P_b g_test, emb_b(z)> / eta_{s,b}`` (ALGORITHMS.md, DVEmb section).
-
-    Returns ``(steps, values)``: step numbers ascending (steps with recorded embeddings) and their values.
-    Positive = the step's data reduced the final test loss. Plot against the step to see the training phases;
-    with ``save=True`` the curve is also written to :func:`influence_path`, and ``inrun report`` plots it.
-    """
-    steps, values = _step_influence(run, model, loss_fn, test_batch, embeddings, build, progress)
-    if save:
-        np.savez(influence_path(run), steps=steps, values=values)
-    return steps, values
-
-
-def _step_influence(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, embeddings: "str | Path | None",
-                    build: bool, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    test = project_test_gradients(run, model, loss_fn, test_batch).mean(axis=0)
-    with open_embeddings(run, embeddings, build=build, progress=progress) as emb:
-        record = _RunRecord(run)
-        try:
-            record_steps = record.record_steps()
-            numbers, scales = record.step_numbers, record.scales
-        finally:
-            record.close()
-        layout = emb.layout
-        per_row = np.full(len(record_steps), np.nan)
-        for start, block in emb.iter_rows("embeddings"):
-            steps = record_steps[start: start + len(block)]
-            eta = scales[np.searchsorted(numbers, steps)]  # [rows, n_blocks]
-            total = np.zeros(len(block))
-            for b, spec in enumerate(layout):
-                part = block[:, spec.offset: spec.offset + spec.size] @ test[spec.offset: spec.offset + spec.size]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    total += np.where(eta[:, b] != 0, part / eta[:, b], 0.0)
-            per_row[start: start + len(block)] = total
-    finite = np.isfinite(per_row)
-    steps_u, inverse = np.unique(record_steps[finite], return_inverse=True)
-    sums = np.bincount(inverse, weights=per_row[finite], minlength=len(steps_u))
-    counts = np.bincount(inverse, minlength=len(steps_u))
-    return steps_u, sums / np.maximum(counts, 1)
-
-
-# ------------------------------------------------------------------------------------------------------ command line
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inrun.embeddings",
+    parser = argparse.ArgumentParser(prog="python -m inrun.posthoc.build",
                                      description="Build the data value embeddings of a run recorded with embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or finish building) <run>.dvemb.h5")

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from inrun.engine.factors import Factor, concat_factors, zero_factor
+from inrun.engine.layers import handler_for, supported_layer_names
+from inrun.engine.layers.registry import LayerHandler
 from inrun.errors import BatchMismatchError, NonFiniteGradientError, UnsupportedLayerError
-from inrun.factors import Factor, concat_factors, zero_factor
-from inrun.layers import handler_for, supported_layer_names
-from inrun.layers.registry import LayerHandler
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _plan(model: nn.Module, allow_unsupported: bool) -> tuple[list[HookedModule]
             "inrun cannot attribute these trainable parameters exactly per sample:\n  - "
             + "\n  - ".join(problems)
             + "\nFix: freeze them (requires_grad_(False)), switch BatchNorm to eval(), replace the layer with a "
-            "supported one, register a handler (inrun.layers.register_layer), or pass allow_unsupported=True to "
+            "supported one, register a handler (inrun.register_layer), or pass allow_unsupported=True to "
             "attribute only the supported parameters (the covered fraction is then reported)."
         )
     if problems:
@@ -122,7 +122,7 @@ class GradientCapture:
     """Hooks a model's supported layers and records their inputs and output gradients, call by call.
 
     Use as a context manager (or :meth:`attach` / :meth:`detach`). After a backward pass, :meth:`collect` turns the
-    recorded calls into a :class:`~inrun.persample.CapturedBatch` of per-sample gradient factors and clears them.
+    recorded calls into a :class:`~inrun.engine.captured.CapturedBatch` of per-sample gradient factors and clears them.
     """
 
     def __init__(self, model: nn.Module, *, allow_unsupported: bool = False):
@@ -238,7 +238,7 @@ class GradientCapture:
         ``check_finite`` checks every output gradient for NaN/inf (callers that check the full gradient instead,
         where any non-finite output gradient ends up, can skip it).
         """
-        from inrun.persample import CapturedBatch
+        from inrun.engine.captured import CapturedBatch
 
         calls, self._calls = self._calls, []
         groups: dict[int, dict[str, list[Factor]]] = {}

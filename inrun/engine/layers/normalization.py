@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from inrun.factors import Factor, FlatFactor
-from inrun.layers.registry import register_layer
+from inrun.engine.factors import Factor, FlatFactor
+from inrun.engine.layers.registry import register_layer
 
 
 def _affine_factors(module: nn.Module, normalised: Tensor, grad_output: Tensor, feature_dims: list[int]) -> dict[str, Factor]:

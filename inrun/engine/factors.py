@@ -10,7 +10,7 @@ A layer's per-sample gradient contribution ``c_i`` to one parameter is held in o
   Biases and normalisation weights take this form: it is as small as the parameter itself.
 
 The operations here (Gram products, materialisation, products with fixed matrices, projection) are the building
-blocks of :mod:`inrun.algebra`; none of them forms a per-sample gradient unless asked to.
+blocks of :mod:`inrun.engine.algebra`; none of them forms a per-sample gradient unless asked to.
 """
 
 from __future__ import annotations

@@ -33,14 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from inrun import __version__
-from inrun.capture import GradientCapture
+from inrun.engine.capture import GradientCapture
+from inrun.engine.projection import ProjectionSettings, Projector
 from inrun.errors import BatchMismatchError, InRunError, NonFiniteGradientError
-from inrun.projection import ProjectionSettings, Projector
-from inrun.shapley import MicroBatch, StepValues, sample_ids_of, sources_of, value_step
-from inrun.store import Column, DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, RunWriter, new_run_id, rank_path
-from inrun.update_rules import clip_coefficient, rule_name, update_terms, warn_if_unknown
-from inrun.validation import LossFn, ValidationSet
+from inrun.store.paths import checkpoint_folder, checkpoint_path, new_run_id, rank_path
+from inrun.store.schema import DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, Column
+from inrun.store.writer import RunWriter
+from inrun.valuation.shapley import MicroBatch, StepValues, sample_ids_of, sources_of, value_step
+from inrun.valuation.update_rules import clip_coefficient, rule_name, update_terms, warn_if_unknown
+from inrun.valuation.validation import LossFn, ValidationSet
+from inrun.version import __version__
 
 STEP_COLUMNS = {
     **DEFAULT_STEP_COLUMNS,
@@ -468,13 +470,3 @@ class InRunRecorder:
         self.run_id = state["run_id"]
 
 
-def checkpoint_folder(store: str | Path) -> Path:
-    """Where a run's model checkpoints go: ``run.h5`` -> ``run.checkpoints/`` (rank suffixes dropped)."""
-    store = Path(store)
-    stem = store.stem.split(".rank")[0]
-    return store.with_name(stem + ".checkpoints")
-
-
-def checkpoint_path(store: str | Path, step: int) -> Path:
-    """The file holding the model at the start of ``step`` (``step`` = number of steps taken: the final model)."""
-    return checkpoint_folder(store) / f"step_{step:08d}.pt"

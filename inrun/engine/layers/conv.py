@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from inrun.factors import DenseSide, Factor, FlatFactor, OuterFactor
-from inrun.layers.registry import register_layer
+from inrun.engine.factors import DenseSide, Factor, FlatFactor, OuterFactor
+from inrun.engine.layers.registry import register_layer
 
 
 def _explicit_padding(module: nn.Module, inputs: Tensor, spatial: int) -> tuple[Tensor, tuple[int, ...]]:

@@ -15,24 +15,21 @@ fixed-state scale reduced to the step size along the gradient taken, an approxim
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from inrun.embeddings import EmbeddingsError, load_projector, project_test_gradients
+from inrun.engine.captured import LossFn
+from inrun.engine.projection import Projector
 from inrun.errors import BatchMismatchError, InRunError
-from inrun.projection import Projector
-from inrun.reader import Run
-from inrun.recorder import checkpoint_folder
-
-LossFn = Callable[[nn.Module, Any], Tensor]
-CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt$")
+from inrun.posthoc.record import EmbeddingsError, load_projector, project_test_gradients
+from inrun.store.paths import find_checkpoints
+from inrun.store.reader import Run
 
 
 class CheckpointError(InRunError, ValueError):
@@ -76,19 +73,6 @@ class PosthocValues:
             notes = [s.decode() if isinstance(s, bytes) else str(s) for s in f["approximation"][()]]
             notes2 = [s.decode() if isinstance(s, bytes) else str(s) for s in f["approximation_second"][()]]
         return cls(**arrays, approximation=notes, approximation_second=notes2)
-
-
-def find_checkpoints(run: Run, folder: str | Path | None = None) -> dict[int, Path]:
-    """``{step: file}`` of the model checkpoints saved with the run (``checkpoint_every``), or in ``folder``."""
-    folder = Path(folder) if folder is not None else checkpoint_folder(run.paths[0])
-    if not folder.is_dir():
-        return {}
-    found = {}
-    for path in folder.iterdir():
-        match = CHECKPOINT_NAME.search(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 def _load_state(path: Path, run: Run) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from inrun.factors import (
+from inrun.engine.factors import (
     DenseSide,
     Factor,
     FlatFactor,

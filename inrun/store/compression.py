@@ -1,0 +1,109 @@
+"""Compression of a finished store: rewrite it with gzip/lzf into a temporary file and swap it in atomically.
+
+The live file is written uncompressed (see :mod:`inrun.store.writer`); ``repack`` runs at close, or by hand on the
+file of a crashed run. A crash at any moment leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import h5py
+
+from inrun.store.rankfile import committed_counts
+from inrun.store.schema import (
+    CHUNK_ELEMENTS,
+    CREATE_OPTIONS,
+    LIBVER,
+    RECORDS,
+    STEPS,
+    check_header,
+    compression_options,
+    create_table,
+    table_columns,
+)
+
+COPY_BLOCK_ELEMENTS = 1 << 22  # elements per block when rewriting a table
+
+
+REPACK_SUFFIX = ".repack.tmp"
+
+
+def repack(path: str | Path, compression: str | None = "gzip") -> None:
+    """Rewrite a closed store with ``compression`` (None: uncompressed), keeping only committed rows.
+
+    Writes ``<path>.repack.tmp``, syncs it to disk, then renames it over ``path``: a crash at any moment leaves
+    either the old file or the new one. Also useful to compress the file of a run that crashed.
+    """
+    path = Path(path)
+    compression_options(compression)  # validate
+    tmp = path.with_name(path.name + REPACK_SUFFIX)
+    try:
+        with h5py.File(path, "r") as src:
+            check_header(src.attrs, path)
+            file_options = {"libver": LIBVER} if compression else CREATE_OPTIONS
+            with h5py.File(tmp, "w", **file_options) as dst:
+                _copy_store(src, dst, path, compression)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_store(src: h5py.File, dst: h5py.File, path: Path, compression: str | None) -> None:
+    steps, rows = committed_counts(src, path)
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    dst.attrs["committed_rows"] = rows
+    for table, n in ((STEPS, steps), (RECORDS, rows)):
+        columns = table_columns(src[table])
+        create_table(dst.create_group(table, track_order=True), columns, compression)
+        for name in columns:
+            _copy_rows(src[table][name], dst[table][name], n)
+    for name in src:
+        if name not in (STEPS, RECORDS):
+            _copy_static(src[name], dst, compression)
+
+
+def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
+    dst.resize(n, axis=0)
+    chunk_rows = dst.chunks[0]  # whole chunks per block: no chunk is compressed twice
+    block = chunk_rows * max(1, COPY_BLOCK_ELEMENTS // (chunk_rows * math.prod(src.shape[1:])))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        dst[start:stop] = src[start:stop]
+
+
+def _copy_static(obj: h5py.Group | h5py.Dataset, dst_parent: h5py.Group, compression: str | None) -> None:
+    """Copy a static group or dataset; large numeric datasets are (re)written with ``compression``."""
+    name = obj.name.rsplit("/", 1)[-1]
+    if isinstance(obj, h5py.Group):
+        group = dst_parent.create_group(name)
+        for key, value in obj.attrs.items():
+            group.attrs[key] = value
+        for child in obj.values():
+            _copy_static(child, group, compression)
+        return
+    if obj.dtype.kind in "biuf" and obj.size >= CHUNK_ELEMENTS:
+        ds = dst_parent.create_dataset(name, data=obj[()], **compression_options(compression))
+        for key, value in obj.attrs.items():
+            ds.attrs[key] = value
+    else:
+        obj.file.copy(obj, dst_parent, name=name)
+
+
+def remove_stale_repack(path: Path) -> None:
+    """Drop the temporary file of a repack that was interrupted (the store itself is intact)."""
+    path.with_name(path.name + REPACK_SUFFIX).unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
