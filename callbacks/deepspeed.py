@@ -81,6 +81,7 @@ from inrun.callbacks.deepspeed_engine import (  # the engine adapter's public na
     gathered_parameters,
 )
 from inrun.callbacks.distributed import all_gather_object, process_group
+from inrun.callbacks.distributed import split_validation as split_validation_set
 from inrun.errors import InRunError
 from inrun.store.paths import new_run_id
 from inrun.valuation.recorder import InRunRecorder
@@ -133,6 +134,9 @@ class DeepSpeedInRun:
         shapley: ``"first"``, ``"second"`` (adds the midpoint second-order value) or None.
         embeddings: record projected per-sample gradients (True, a dict or ``ProjectionSettings``).
         resume_state: a previous ``state_dict()`` (from the checkpoint) to continue the same store.
+        split_validation: with several processes, each rank evaluates its share of the validation points and
+            collectives assemble what the values need (the values are those of one process); False: every rank
+            evaluates every point.
         Other keyword arguments go to :class:`inrun.valuation.recorder.InRunRecorder` (``per_val_point``, ``index_key``,
         ``index_fn``, ``source_key``, ``source_names``, ``record_norms``, ``allow_unsupported``, ``overwrite``,
         ``flush_every``, ``checkpoint_every``).
@@ -158,6 +162,7 @@ class DeepSpeedInRun:
         overwrite: bool = False,
         flush_every: int = 100,
         checkpoint_every: int | None = None,
+        split_validation: bool = True,
     ):
         self.adapter = DeepSpeedAdapter(engine)
         self.engine = engine
@@ -199,6 +204,7 @@ class DeepSpeedInRun:
 
         self.recorder: InRunRecorder = self._agree("setting up inrun", build)
         self._check_ranks_agree(shapley, embeddings, per_val_point, index_key, path, overwrite)
+        split_validation_set(self.recorder, split_validation, checked=True)  # the check above compared the data
 
     # -- collective set-up helpers ----------------------------------------------------------------------------------
     def gathered(self):

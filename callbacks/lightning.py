@@ -16,7 +16,7 @@ from typing import Any, Callable
 import lightning as L
 from torch import Tensor
 
-from inrun.callbacks.distributed import all_gather_object
+from inrun.callbacks.distributed import all_gather_object, split_validation
 from inrun.store.paths import new_run_id
 from inrun.valuation.recorder import InRunRecorder
 from inrun.valuation.validation import LossFn
@@ -45,6 +45,9 @@ class InRunCallback(L.Callback):
         checkpoint_every: save the model every this many steps (and at the end) next to the store, for post-hoc
             values of test points chosen after training (``run.posthoc_values``).
         wandb: a :class:`inrun.callbacks.WandbInfluenceLogger`, True (log to the trainer's W&B logger) or None.
+        split_validation: with several processes (DDP, DeepSpeed), each rank evaluates its share of the validation
+            points and collectives assemble the rest (the values are those of one process; every rank must pass the
+            same ``val_data``, which is checked). False: every rank evaluates every point.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class InRunCallback(L.Callback):
         flush_every: int = 100,
         checkpoint_every: int | None = None,
         wandb: Any = None,
+        split_validation: bool = True,
     ):
         super().__init__()
         self.path = Path(path)
@@ -78,6 +82,7 @@ class InRunCallback(L.Callback):
             overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every,
         )
         self.wandb = wandb
+        self.split_validation = split_validation
         self.recorder: InRunRecorder | None = None
         self._restored: dict | None = None
         self._step_losses: list[float] = []
@@ -139,6 +144,7 @@ class InRunCallback(L.Callback):
             self.recorder.load_state_dict(state)
         with self._gathered():
             self.recorder.start(device=pl_module.device)
+        split_validation(self.recorder, self.split_validation)  # collective with several processes
 
     # -- per micro-batch / step -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -300,6 +300,9 @@ class InRunRecorder:
         self._skip_reason = None
         if self.order == 0 and self.projector is None:
             return  # shapley=None without embeddings: nothing to record
+        if not self._on_every_rank(reason is None and bool(microbatches)):  # split validation: all ranks or none
+            reason = reason or ("another rank could not value this step (the validation set is split across ranks)"
+                                if microbatches else "no attributed micro-batches")
         if reason is not None or not microbatches:
             self._record_skipped(step, lr, reason or "no attributed micro-batches")
             return
@@ -316,7 +319,7 @@ class InRunRecorder:
             )
         else:
             values = self._unvalued(microbatches)
-        if self.order > 0 and not np.isfinite(values.value_1).all():
+        if self.order > 0 and not self._on_every_rank(bool(np.isfinite(values.value_1).all())):
             self._record_skipped(step, lr, "non-finite values (a non-finite layer gradient or validation loss)")
             return
         if self.projector is not None and step % self.embeddings.every == 0:
@@ -325,6 +328,11 @@ class InRunRecorder:
             values.extras["checkpoint"] = np.int8(self.save_checkpoint(step))
         self._complete_pending(values.val_loss)
         self.pending = PendingStep(step, lr, values)
+
+    def _on_every_rank(self, flag: bool) -> bool:
+        """``flag`` on every rank when the validation set is split across ranks (collective), else ``flag``."""
+        validation = getattr(self, "validation", None)
+        return validation.on_every_rank(flag) if validation is not None else flag
 
     def _unvalued(self, microbatches: list[MicroBatch]) -> StepValues:
         """A step with projections only (``shapley=None``): no values, still the validation loss for the row."""

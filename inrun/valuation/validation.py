@@ -7,6 +7,7 @@ so ``param.grad`` is never touched, and with capture paused unless per-point gra
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -17,6 +18,7 @@ from inrun.engine.capture import GradientCapture
 from inrun.engine.captured import LossFn
 from inrun.engine.products import capture_batch, per_sample_losses
 from inrun.errors import BatchMismatchError
+from inrun.valuation.rank_share import RankShare
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -68,6 +70,30 @@ class ValidationSet:
         self.model = model
         self.capture = capture
         self.num_points: int | None = None
+        #: set by :meth:`split_across_ranks`: this rank evaluates only its share of the points
+        self.share: RankShare | None = None
+
+    def split_across_ranks(self, share: RankShare | None = None) -> bool:
+        """Keep only this rank's share of the validation points (a contiguous block, rank 0 first); from now on
+        :meth:`loss`, :meth:`gradient` and :meth:`captured` evaluate the share and combine every rank's with one
+        collective each (:mod:`inrun.valuation.rank_share`), so they return what the whole set gives, and every rank
+        must call them in the same order. Every rank must hold the same validation data. Returns whether the set
+        is split (not with one process, nor when a batch's size cannot be read: then every rank keeps all points)."""
+        share = share if share is not None else RankShare()
+        if share.world_size == 1 or self.share is not None:
+            return self.share is not None
+        mine = share.select(self.batches)
+        if mine is None:
+            warnings.warn("inrun: the validation batches hold no tensor to read their size from; every rank "
+                          "evaluates all validation points", stacklevel=2)
+            return False
+        self.batches, self.share = mine, share
+        return True
+
+    def on_every_rank(self, flag: bool) -> bool:
+        """``flag`` on every rank when the set is split (a collective: a step is valued on all ranks or none,
+        because the valuation's collectives need every rank), else ``flag``."""
+        return self.share.all_true(flag) if self.share is not None else flag
 
     def to(self, device: torch.device) -> "ValidationSet":
         self.batches = [move_to(batch, device) for batch in self.batches]
@@ -86,28 +112,45 @@ class ValidationSet:
 
     def loss(self) -> float:
         """Mean validation loss at the current parameters."""
-        total, count = 0.0, 0
-        with eval_mode(self.model), torch.no_grad(), self._paused():
-            for batch in self.batches:
-                losses = self.loss_fn(self.model, batch)
-                total += float(losses.double().sum())
-                count += losses.shape[0]
+        total, count, error = 0.0, 0, None
+        try:
+            with eval_mode(self.model), torch.no_grad(), self._paused():
+                for batch in self.batches:
+                    losses = self.loss_fn(self.model, batch)
+                    total += float(losses.double().sum())
+                    count += losses.shape[0]
+        except Exception as exc:  # noqa: BLE001 -- split: raised on every rank by the collective below
+            if self.share is None:
+                raise
+            error = exc
+        if self.share is not None:
+            total, count = self.share.sum_scalars([total, count], error)
         return total / count
 
     def gradient(self, params: dict[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
         """Mean validation loss and its gradient (per named parameter) at the current parameters."""
         names = list(params)
         sums: list[Tensor | None] = [None] * len(names)
-        total, count = 0.0, 0
-        with eval_mode(self.model), self._paused():
-            for batch in self.batches:
-                losses = self._losses(batch)
-                grads = torch.autograd.grad(losses.sum(), [params[n] for n in names], allow_unused=True)
-                for k, grad in enumerate(grads):
-                    if grad is not None:
-                        sums[k] = grad if sums[k] is None else sums[k] + grad
-                total += float(losses.detach().double().sum())
-                count += losses.shape[0]
+        total, count, error = 0.0, 0, None
+        try:
+            with eval_mode(self.model), self._paused():
+                for batch in self.batches:
+                    losses = self._losses(batch)
+                    grads = torch.autograd.grad(losses.sum(), [params[n] for n in names], allow_unused=True)
+                    for k, grad in enumerate(grads):
+                        if grad is not None:
+                            sums[k] = grad if sums[k] is None else sums[k] + grad
+                    total += float(losses.detach().double().sum())
+                    count += losses.shape[0]
+        except Exception as exc:  # noqa: BLE001 -- split: raised on every rank by the collective below
+            if self.share is None:
+                raise
+            error = exc
+        if self.share is not None:  # every rank's sums: one small and one model-sized all-reduce
+            total, count = self.share.sum_scalars([total, count], error)
+            count = int(count)
+            sums = self.share.sum_tensors(
+                [s if s is not None else torch.zeros_like(params[n]) for n, s in zip(names, sums)])  # type: ignore[misc]
         self.num_points = count
         gradient = {
             name: (s / count if s is not None else torch.zeros_like(params[name])) for name, s in zip(names, sums)
@@ -122,17 +165,28 @@ class ValidationSet:
     def captured(self) -> tuple[float, list]:
         """Mean validation loss and each validation batch's per-sample gradient factors, at the current parameters
         (one forward and backward, no weight gradient computed)."""
-        parts = []
+        parts, error = [], None
         enabled, self.capture.enabled = self.capture.enabled, True
         try:
             with eval_mode(self.model):
                 for batch in self.batches:
                     parts.append(capture_batch(self.capture, self.model, self.loss_fn, batch))
+        except Exception as exc:  # noqa: BLE001 -- split: raised on every rank by the collective below
+            if self.share is None:
+                raise
+            error = exc
         finally:
             self.capture.enabled = enabled
+        if self.share is not None:  # every rank's factors, in rank order (the single-process order of the points)
+            parts = self.share.gather_captured(parts, self._device(), error)
         losses = torch.cat([part.losses for part in parts])
         self.num_points = losses.shape[0]
         return float(losses.double().mean()), parts
+
+    def _device(self) -> torch.device:
+        for param in self.capture.parameters.values():
+            return param.device
+        return next(self.model.parameters()).device
 
     @contextmanager
     def _paused(self) -> Iterator[None]:
