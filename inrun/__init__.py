@@ -34,6 +34,11 @@ _EXPORTS = {
     "capture_batch": "inrun.engine.products",
     "grad_dots": "inrun.engine.products",
     "grad_norms": "inrun.engine.products",
+    "check_model": "inrun.engine.checks",
+    "ModelCheck": "inrun.engine.checks",
+    "ParameterCheck": "inrun.engine.checks",
+    "ExactnessError": "inrun.errors",
+    "SampleMixingError": "inrun.errors",
     "register_layer": "inrun.engine.layers",
     "supported_layer_names": "inrun.engine.layers",
     "IncompatibleStoreError": "inrun.store.schema",
@@ -89,8 +94,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     # ruff: noqa: F401
     from inrun.engine.capture import Coverage, GradientCapture
     from inrun.engine.captured import CapturedBatch
+    from inrun.engine.checks import ModelCheck, ParameterCheck, check_model
     from inrun.engine.layers import register_layer, supported_layer_names
     from inrun.engine.products import capture_batch, grad_dots, grad_norms
+    from inrun.errors import ExactnessError, SampleMixingError
     from inrun.store.compression import repack
     from inrun.store.reader import PhaseValues, Run, open_run
     from inrun.store.schema import IncompatibleStoreError, StoreError, StoreIOError

@@ -19,3 +19,14 @@ class BatchMismatchError(InRunError, ValueError):
 
 class LossShapeError(InRunError, ValueError):
     """A loss function returned something other than one loss per sample."""
+
+
+class ExactnessError(InRunError, RuntimeError):
+    """A self-check found captured per-sample gradients that disagree with autograd (a parameter used outside its
+    module's forward, a lookup broadcast over the batch that looks per-sample, ...). The message names the
+    parameter, the likely cause and the fix; values computed anyway would be silently wrong."""
+
+
+class SampleMixingError(InRunError, ValueError):
+    """The model couples the samples of a batch (BatchNorm in training mode, an in-batch loss): changing one sample
+    moved another sample's loss, so no sample has a gradient of its own. Refused whatever ``allow_unsupported`` says."""

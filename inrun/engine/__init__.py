@@ -10,6 +10,8 @@ Data flows bottom to top:
 * :mod:`~inrun.engine.capture`: hooks that pair each layer call's input with its output gradient;
 * :mod:`~inrun.engine.captured`: :class:`CapturedBatch`, every product of one captured batch;
 * :mod:`~inrun.engine.products`: :func:`capture_batch`, :func:`grad_dots`, :func:`grad_norms`;
+* :mod:`~inrun.engine.checks`: the self-checks (completeness, sample independence, per-sample spot check) and the
+  public self-test :func:`check_model`;
 * :mod:`~inrun.engine.projection`: seeded Kronecker projections of captured contributions (for embeddings).
 
 Nothing here knows about optimizers, stores or frameworks.
@@ -17,6 +19,7 @@ Nothing here knows about optimizers, stores or frameworks.
 
 from inrun.engine.capture import Coverage, GradientCapture
 from inrun.engine.captured import CapturedBatch, LossFn
+from inrun.engine.checks import ModelCheck, ParameterCheck, check_model
 from inrun.engine.layers import register_layer, supported_layer_names
 from inrun.engine.products import capture_batch, grad_dots, grad_norms, per_sample_losses
 
@@ -25,6 +28,9 @@ __all__ = [
     "Coverage",
     "GradientCapture",
     "LossFn",
+    "ModelCheck",
+    "ParameterCheck",
+    "check_model",
     "capture_batch",
     "grad_dots",
     "grad_norms",

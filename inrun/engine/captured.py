@@ -39,6 +39,8 @@ class CapturedBatch:
         self.losses: Tensor | None = None
         #: "gram" or "materialise" to force one route for every outer-product factor; None chooses by cost
         self.force_route: str | None = None
+        #: the least precise dtype the captured activations and output gradients had (bf16 under autocast)
+        self.precision: torch.dtype | None = None
 
     @property
     def parameter_names(self) -> list[str]:

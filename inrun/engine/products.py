@@ -48,6 +48,22 @@ def infer_batch_size(batch: Any) -> int | None:
 
 def capture_batch(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any) -> CapturedBatch:
     """Forward and backward one batch under ``capture`` without touching ``param.grad``; return its factors."""
+    return _run_captured_forward(capture, model, loss_fn, batch)[0]
+
+
+def _run_captured_forward(
+    capture: GradientCapture,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    check_params: Mapping[str, Tensor] | None = None,
+    spot: int = 0,
+) -> tuple[CapturedBatch, tuple | None, list, list[int]]:
+    """One forward and backward under ``capture``; with ``check_params`` also autograd's batch gradient of those
+    parameters (from the same backward) and the gradients of ``spot`` single samples' losses (same forward, same
+    dropout masks). Returns ``(captured, batch_grads, sample_grads, samples)``; the gradients are None under
+    reentrant activation checkpointing (autograd.grad is refused there)."""
     capture.discard()
     capture.batch_size = infer_batch_size(batch)
     capture.keep_outputs = True
@@ -57,12 +73,31 @@ def capture_batch(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, b
         capture.keep_outputs = False
     outputs = capture.take_outputs()
     params = list(capture.parameters.values())
+    checked = list(check_params.values()) if check_params else []
     # Only the hooked layers' output gradients are needed, so differentiate down to the outputs (no weight gradient
     # is computed); after an in-place change of an output, differentiate down to the parameters instead.
     targets = outputs if outputs is not None else params
-    if targets:
+    batch_grads: tuple | None = None
+    sample_grads: list = []
+    samples: list[int] = []
+    if targets or checked:
         try:
-            torch.autograd.grad(losses.sum(), targets, allow_unused=True)
+            found = torch.autograd.grad(losses.sum(), targets + checked, allow_unused=True,
+                                        retain_graph=bool(checked and spot))
+            if checked:
+                batch_grads = found[len(targets):]
+                from inrun.engine.checks import spot_samples
+
+                captured = capture.collect(num_samples=losses.shape[0])
+                samples = spot_samples(losses.shape[0], spot) if spot else []
+                try:
+                    for k, i in enumerate(samples):
+                        sample_grads.append(torch.autograd.grad(losses[i], checked, allow_unused=True,
+                                                                retain_graph=k + 1 < len(samples)))
+                finally:
+                    capture.discard()  # the single-sample backwards fired the hooks again
+                captured.losses = losses.detach()
+                return captured, batch_grads, sample_grads, samples
         except RuntimeError as error:
             if "reentrant" not in str(error).lower() and ".grad()" not in str(error):
                 raise
@@ -71,9 +106,10 @@ def capture_batch(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, b
             capture.batch_size = capture.batch_size
             losses = per_sample_losses(model, loss_fn, batch)
             _backward_keeping_grads(losses.sum(), params)
+            batch_grads, sample_grads, samples = None, [], []
     captured = capture.collect(num_samples=losses.shape[0])
     captured.losses = losses.detach()
-    return captured
+    return captured, batch_grads, sample_grads, samples
 
 
 def _backward_keeping_grads(loss: Tensor, params: list[Tensor]) -> None:
@@ -88,21 +124,41 @@ def _backward_keeping_grads(loss: Tensor, params: list[Tensor]) -> None:
             p.grad = grad
 
 
+def _capture(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, check: bool) -> CapturedBatch:
+    if not check:
+        return capture_batch(capture, model, loss_fn, batch)
+    from inrun.engine.checks import checked_capture
+
+    return checked_capture(capture, model, loss_fn, batch)
+
+
 def grad_dots(
-    model: nn.Module, loss_fn: LossFn, train_batch: Any, val_batch: Any, *, allow_unsupported: bool = False
+    model: nn.Module, loss_fn: LossFn, train_batch: Any, val_batch: Any, *, allow_unsupported: bool = False,
+    check: bool = True,
 ) -> Tensor:
     """``[n_train, n_val]`` matrix of per-sample gradient dot products over all trainable parameters.
 
     Entry ``(i, j)`` is ``<grad loss_fn(train)[i], grad loss_fn(val)[j]>``. Exact; per-sample gradients are never
     materialised where the Gram route is cheaper. ``param.grad`` and the parameters are left as they were.
+
+    ``check`` (default True) verifies both batches first (:mod:`inrun.engine.checks`): samples independent, the
+    per-sample gradients adding up to autograd's, and two samples' gradients recomputed alone; a failure raises
+    :class:`~inrun.errors.ExactnessError` or :class:`~inrun.errors.SampleMixingError` instead of returning wrong
+    numbers. It costs one more backward to the parameters, two single-sample backwards and two forwards without
+    gradients per batch; pass ``check=False`` in a loop over many batches once a model has passed.
     """
     with GradientCapture(model, allow_unsupported=allow_unsupported) as capture:
-        val = capture_batch(capture, model, loss_fn, val_batch)
-        train = capture_batch(capture, model, loss_fn, train_batch)
+        val = _capture(capture, model, loss_fn, val_batch, check)
+        train = _capture(capture, model, loss_fn, train_batch, check)
         return train.dots(val).detach()
 
 
-def grad_norms(model: nn.Module, loss_fn: LossFn, batch: Any, *, allow_unsupported: bool = False) -> Tensor:
-    """``[n]`` squared norm of each sample's gradient over all trainable parameters (ghost norms)."""
+def grad_norms(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *, allow_unsupported: bool = False, check: bool = True
+) -> Tensor:
+    """``[n]`` squared norm of each sample's gradient over all trainable parameters (ghost norms).
+
+    ``check``: as for :func:`grad_dots`.
+    """
     with GradientCapture(model, allow_unsupported=allow_unsupported) as capture:
-        return capture_batch(capture, model, loss_fn, batch).squared_norms().detach()
+        return _capture(capture, model, loss_fn, batch, check).squared_norms().detach()

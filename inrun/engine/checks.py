@@ -1,0 +1,575 @@
+"""Self-checks that need no knowledge of the model: inrun's values are exact, or inrun refuses.
+
+Three checks, each catching what the others cannot:
+
+* *gradient completeness* (:func:`check_completeness`): per parameter, the sum over samples of the captured
+  per-sample contributions must equal autograd's batch gradient. A parameter also used outside its module's forward
+  (``F.linear(x, self.wte.weight)``, ``x @ wte.weight.T``) receives gradient inrun never sees: the sums differ.
+* *sample independence* (:func:`probe_independence`): replace sample 0 of the batch by a copy of sample 1 (every
+  tensor whose leading dimension is the batch size) and run the model again with the same random state; no other
+  sample's loss may move. BatchNorm in training mode, in-batch losses and anything else that mixes samples fails it,
+  and is refused whatever ``allow_unsupported`` says (:class:`~inrun.errors.SampleMixingError`).
+* *per-sample spot check* (:func:`check_samples`): autograd's gradient of one or two single samples' losses (from the
+  same forward, so the same dropout masks) against the engine's values for those samples: the squared norm and the
+  inner product with the batch gradient. The sum check cannot see a contribution credited to the wrong sample (a
+  lookup broadcast over the batch read as per-sample); this can.
+
+:func:`checked_capture` runs all three around one captured batch (what ``grad_dots``/``grad_norms`` and the recorder's
+first step use); :func:`check_model` is the public self-test with a per-parameter table against ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from inrun.engine.algebra import parameter_fixed_dots, parameter_squared_norms
+from inrun.engine.capture import GradientCapture
+from inrun.engine.captured import CapturedBatch, LossFn
+from inrun.errors import ExactnessError, InRunError, SampleMixingError
+
+#: relative tolerance of the completeness and spot checks by the lowest precision involved
+CHECK_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+LOW_PRECISION_TOLERANCE = 5e-2
+#: relative tolerance of check_model's comparison with torch.func
+MODEL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+#: relative change of another sample's loss that counts as mixing
+MIXING_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def tolerance(dtype: torch.dtype, table: Mapping[torch.dtype, float] = CHECK_TOLERANCE) -> float:
+    return table.get(dtype, LOW_PRECISION_TOLERANCE)
+
+
+# -- batches ---------------------------------------------------------------------------------------------------------
+def _map_batch(batch: Any, n: int, fn) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) batch whose leading dimension is ``n``."""
+    if isinstance(batch, Tensor):
+        return fn(batch) if batch.dim() > 0 and batch.shape[0] == n else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _map_batch(v, n, fn) for k, v in batch.items()}) if isinstance(batch, dict) else \
+            {k: _map_batch(v, n, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(_map_batch(v, n, fn) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_batch(v, n, fn) for v in batch)
+    return batch
+
+
+def slice_batch(batch: Any, n: int, i: int) -> Any:
+    """Sample ``i`` of a batch of ``n``, keeping a leading dimension of 1."""
+    return _map_batch(batch, n, lambda t: t[i : i + 1])
+
+
+def _replace_sample(batch: Any, n: int, target: int, source: int) -> Any:
+    def replace(t: Tensor) -> Tensor:
+        t = t.clone()
+        t[target] = t[source]
+        return t
+
+    return _map_batch(batch, n, replace)
+
+
+class _SameRandomness:
+    """Runs several forwards from the same random state and leaves the global state (and buffers) as found."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.devices = sorted({b.device for b in list(model.parameters()) + list(model.buffers())
+                               if b.device.type == "cuda"}, key=str)
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=self.devices)
+        self._fork.__enter__()
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+        self.buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        return self
+
+    def rewind(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in zip(self.devices, self.cuda):
+            torch.cuda.set_rng_state(state, device)
+
+    def restore_buffers(self) -> None:
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                saved = self.buffers.get(name)
+                if saved is not None and saved.shape == b.shape:
+                    b.copy_(saved)
+
+    def __exit__(self, *exc):
+        self.restore_buffers()
+        return self._fork.__exit__(*exc)
+
+
+# -- sample independence ---------------------------------------------------------------------------------------------
+def probe_independence(model: nn.Module, loss_fn: LossFn, batch: Any, n: int | None = None) -> str | None:
+    """Why the samples of ``batch`` are coupled, or None when changing sample 0 moves no other sample's loss.
+
+    Two forwards without gradients from the same random state (same dropout masks); buffers (BatchNorm's running
+    statistics) are restored afterwards.
+    """
+    from inrun.engine.products import infer_batch_size
+
+    n = n if n is not None else infer_batch_size(batch)
+    if n is None or n < 2:
+        return None
+    changed = _replace_sample(batch, n, 0, 1)
+    with _SameRandomness(model) as same, torch.no_grad():
+        same.rewind()
+        before = loss_fn(model, batch)
+        same.restore_buffers()
+        same.rewind()
+        after = loss_fn(model, changed)
+    if not isinstance(before, Tensor) or not isinstance(after, Tensor):
+        return None
+    before, after = before.detach(), after.detach()
+    if not isinstance(before, Tensor) or before.shape != (n,) or after.shape != (n,):
+        return None  # the loss function's own checks report a wrong shape
+    if not (bool(torch.isfinite(before).all()) and bool(torch.isfinite(after).all())):
+        return None  # non-finite losses have their own error
+    others = torch.arange(1, n, device=before.device)
+    moved = (after[others] - before[others]).abs().double()
+    scale = before[others].abs().double().clamp_min(1e-30) + 1e-6 * before.abs().double().max()
+    worst = int(torch.argmax(moved / scale))
+    relative = float(moved[worst] / scale[worst])
+    if math.isfinite(relative) and relative <= tolerance(before.dtype, MIXING_TOLERANCE):
+        return None
+    sample = int(others[worst])
+    coupled = [type(m).__name__ for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    hint = (f" The model has {', '.join(sorted(set(coupled)))} in training mode, which normalises with statistics of "
+            "the whole batch: call .eval() on it (running statistics) or replace it by GroupNorm/LayerNorm."
+            if coupled else
+            " Something couples the samples: batch statistics (BatchNorm in training mode), a loss computed across "
+            "the batch (contrastive, in-batch negatives), or attention across the batch dimension.")
+    return (f"changing sample 0 of the batch changed sample {sample}'s loss from {float(before[sample]):.6g} to "
+            f"{float(after[sample]):.6g} (relative {relative:.2g}) with the same random state, so no sample has a "
+            f"gradient of its own.{hint}")
+
+
+def require_independence(model: nn.Module, loss_fn: LossFn, batch: Any, n: int | None = None) -> None:
+    reason = probe_independence(model, loss_fn, batch, n)
+    if reason is not None:
+        raise SampleMixingError("inrun refuses this model whatever allow_unsupported says: " + reason)
+
+
+# -- completeness and spot checks ------------------------------------------------------------------------------------
+def _owner(capture: GradientCapture, name: str) -> str:
+    for entry in capture.hooked:
+        if name in entry.parameters.values():
+            return f"module '{entry.name or '<root>'}' ({type(entry.module).__name__})"
+    return "its module"
+
+
+def _precision(*tensors: Tensor) -> torch.dtype:
+    dtypes = [t.dtype for t in tensors if t.is_floating_point()]
+    return min(dtypes, key=lambda d: torch.finfo(d).eps * -1) if dtypes else torch.float32
+
+
+def check_completeness(
+    capture: GradientCapture, captured: CapturedBatch | list[CapturedBatch], grads: Mapping[str, Tensor]
+) -> None:
+    """Raise :class:`ExactnessError` for the first parameter whose per-sample contributions (summed over the
+    captured micro-batches) do not add up to autograd's batch gradient ``grads[name]`` (parameters missing from
+    ``grads`` are skipped)."""
+    sums: dict[str, Tensor] = {}
+    parts = captured if isinstance(captured, list) else [captured]
+    low = [p.precision for p in parts if p.precision is not None]
+    for part in parts:
+        for name, value in part.gradient_sums().items():
+            sums[name] = value if name not in sums else sums[name] + value
+    names = [name for name in capture.parameters if name in grads]
+    if not names:
+        return
+    total = math.sqrt(sum(float(grads[k].double().pow(2).sum()) for k in names))
+    numel = sum(grads[k].numel() for k in names)
+    for name in names:
+        expected = grads[name].detach().double().reshape(-1)
+        found = sums.get(name)
+        got = (found.detach().double().reshape(-1).to(expected.device) if found is not None
+               else torch.zeros_like(expected))
+        dtype = _precision(grads[name], *(found,) if found is not None else (), *(torch.empty(0, dtype=d) for d in low))
+        floor = 1e-3 * total * math.sqrt(expected.numel() / numel)
+        scale = max(float(expected.norm()), float(got.norm())) + floor
+        difference = float((got - expected).norm())
+        if scale > 0 and difference > tolerance(dtype) * scale:
+            raise ExactnessError(_completeness_message(capture, name, difference / scale, found is None))
+
+
+def _completeness_message(capture: GradientCapture, name: str, relative: float, never_seen: bool) -> str:
+    owner = _owner(capture, name)
+    seen = ("no call of it received a gradient, yet autograd gives the parameter one" if never_seen else
+            f"the sum over samples of its per-sample gradients differs from autograd's batch gradient by {relative:.3g} "
+            "(relative)")
+    return (
+        f"parameter '{name}' cannot be attributed exactly: {seen}. Likely cause: the parameter is used outside the "
+        f"forward of {owner}, which inrun hooks -- a functional use of a tied or shared weight such as "
+        "`F.linear(x, self.wte.weight)` or `x @ self.wte.weight.T`, or a parameter read directly by another module. "
+        "Fix: route every use through a module call (for a tied LM head: `self.lm_head = nn.Linear(d, vocab, "
+        "bias=False)`, `self.lm_head.weight = self.wte.weight`, `logits = self.lm_head(x)`), or freeze the parameter "
+        "(requires_grad_(False))."
+    )
+
+
+def check_samples(
+    capture: GradientCapture,
+    captured: CapturedBatch,
+    samples: list[int],
+    sample_grads: list[Mapping[str, Tensor]],
+    batch_grads: Mapping[str, Tensor],
+) -> None:
+    """Compare, per parameter, the engine's squared norm and inner product with the batch gradient of each sample in
+    ``samples`` with autograd's gradient of that sample's loss alone (``sample_grads``)."""
+    index = torch.tensor(samples)
+    for name, uses in captured.factors.items():
+        if name not in batch_grads:
+            continue
+        local = [f.select(index.to(_device_of(f))) for f in uses]
+        norms = parameter_squared_norms(local, memory_budget=captured.memory_budget)[0].double()
+        direction = batch_grads[name].detach().reshape(1, *captured.shapes[name])
+        dots = parameter_fixed_dots(local, direction.to(_dtype_of(uses[0]))).double()[:, 0]
+        for k, i in enumerate(samples):
+            g = sample_grads[k].get(name)
+            g = torch.zeros(captured.shapes[name], dtype=torch.float64) if g is None else g.detach().double()
+            ref_norm = float(g.pow(2).sum())
+            ref_dot = float((g.reshape(-1) * batch_grads[name].detach().double().reshape(-1).to(g.device)).sum())
+            dtype = _precision(batch_grads[name], _reference(uses[0]),
+                               *(() if captured.precision is None else (torch.empty(0, dtype=captured.precision),)))
+            tol = tolerance(dtype)
+            norm_scale = max(ref_norm, float(norms[k])) + 1e-30
+            dot_scale = math.sqrt(max(ref_norm, float(norms[k]))) * float(batch_grads[name].double().norm()) + 1e-30
+            norm_off = abs(float(norms[k]) - ref_norm) / norm_scale
+            dot_off = abs(float(dots[k]) - ref_dot) / dot_scale
+            if norm_off > 3 * tol or dot_off > 3 * tol:
+                raise ExactnessError(_spot_message(capture, name, i, float(norms[k]), ref_norm, float(dots[k]),
+                                                   ref_dot))
+
+
+def _spot_message(capture, name, i, norm, ref_norm, dot, ref_dot) -> str:
+    owner = _owner(capture, name)
+    shapes = ""
+    for entry in capture.hooked:
+        if name in entry.parameters.values():
+            shapes = f" ({owner})"
+    return (
+        f"parameter '{name}'{shapes}: the gradient inrun credits to sample {i} disagrees with autograd's gradient of "
+        f"that sample's loss alone (squared norm {norm:.6g} vs {ref_norm:.6g}; inner product with the batch gradient "
+        f"{dot:.6g} vs {ref_dot:.6g}), although the per-sample gradients add up: credit went to the wrong sample. "
+        "Likely cause: the module is called without the batch dimension and its first dimension happens to equal the "
+        "batch size (nanoGPT's `self.wpe(torch.arange(t))` with t == batch size reads as a per-sample lookup), or the "
+        "model reorders samples. Fix: give such inputs a batch dimension of 1 (`torch.arange(t)[None]`), or use a "
+        "batch size different from that dimension; or freeze the parameter (requires_grad_(False))."
+    )
+
+
+def _reference(factor) -> Tensor:
+    from inrun.engine.factors import dense_reference
+
+    return dense_reference(factor)
+
+
+def _device_of(factor) -> torch.device:
+    from inrun.engine.factors import FlatFactor, IndexSide
+
+    if isinstance(factor, FlatFactor):
+        return factor.data.device
+    side = factor.rows
+    return side.ids.device if isinstance(side, IndexSide) else side.data.device
+
+
+def _dtype_of(factor) -> torch.dtype:
+    return _reference(factor).dtype
+
+
+def spot_samples(n: int, count: int = 2) -> list[int]:
+    """The samples the spot check recomputes: the first and the last."""
+    return sorted({0, n - 1})[:count] if n > 0 else []
+
+
+# -- one checked batch -----------------------------------------------------------------------------------------------
+@dataclass
+class CheckCost:
+    """Seconds spent in checks (for the README's figures and the coverage report)."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+CHECK_COST = CheckCost()
+
+
+def checked_capture(
+    capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, *, spot: int = 2, independence: bool = True
+) -> CapturedBatch:
+    """Like :func:`~inrun.engine.products.capture_batch`, and check the result: sample independence, completeness
+    against one backward to the parameters, and the spot check of ``spot`` samples. Raises on any failure."""
+    import time
+
+    from inrun.engine.products import _run_captured_forward
+
+    start = time.perf_counter()
+    params = dict(capture.parameters)
+    names = list(params)
+    captured, batch_grads, sample_grads, samples = _run_captured_forward(
+        capture, model, loss_fn, batch, check_params=params, spot=spot
+    )  # first, so that a loss of the wrong shape or a non-finite one gets its own error
+    if independence:
+        require_independence(model, loss_fn, batch, captured.n)
+    if batch_grads is not None:
+        grads = {k: g for k, g in zip(names, batch_grads) if g is not None}
+        grads.update({k: torch.zeros_like(params[k]) for k, g in zip(names, batch_grads) if g is None})
+        check_completeness(capture, captured, grads)
+        if samples:
+            per_sample = [{k: g for k, g in zip(names, row) if g is not None} for row in sample_grads]
+            check_samples(capture, captured, samples, per_sample, grads)
+    CHECK_COST.seconds += time.perf_counter() - start
+    CHECK_COST.calls += 1
+    return captured
+
+
+# -- the recorder's checks -------------------------------------------------------------------------------------------
+def validate_check_every(check_every: Any) -> None:
+    if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
+                                    or check_every < 1):
+        from inrun.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"check_every must be a positive number of optimizer steps or None, got "
+                                   f"{check_every!r}; for example check_every=1000 re-checks every 1000 steps")
+
+
+class RecorderChecks:
+    """When and how the recorder checks: at its first optimizer step always, then every ``every`` steps.
+
+    At the first micro-batch of a checked step the training batch goes through :func:`checked_capture` before the
+    real forward (independence, completeness against one extra backward, spot check; parameters and ``param.grad``
+    untouched, random state and buffers restored). At the step itself the captured contributions of the real
+    backward are compared with the gradients the optimizer is given (free; single process only, since with several
+    ranks those gradients are averaged over ranks). Failures raise; a loss function that cannot take a training batch
+    only skips the batch part, with a warning.
+    """
+
+    def __init__(self, enabled: bool, every: int | None):
+        validate_check_every(every)
+        self.enabled, self.every = enabled, every
+        self.first_step: int | None = None
+        self.batch_checked_step: int | None = None
+        self.seconds = 0.0
+
+    def due(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        if self.first_step is None:
+            return True
+        return step == self.first_step or (self.every is not None and step % self.every == 0)
+
+    def on_microbatch(self, recorder: Any, batch: Any, loss_fn: LossFn | None) -> None:
+        import time
+
+        step = recorder.next_step
+        if not self.due(step) or self.batch_checked_step == step or loss_fn is None:
+            return
+        self.batch_checked_step = step
+        if self.first_step is None:
+            self.first_step = step
+        if getattr(recorder, "param_shapes", None):  # ZeRO-3: parameters are partitioned outside DeepSpeed's hooks
+            return
+        capture = recorder.capture
+        size = capture.batch_size
+        start = time.perf_counter()
+        try:
+            checked_capture(capture, recorder.model, loss_fn, batch)
+        except (ExactnessError, SampleMixingError):
+            raise
+        except InRunError as error:
+            if "loss" in type(error).__name__.lower():
+                warnings.warn(f"inrun skipped the first-step batch check: loss_fn failed on a training batch ({error})",
+                              stacklevel=3)
+            else:
+                raise
+        except Exception as error:  # noqa: BLE001 - the check must never break a run that would otherwise work
+            warnings.warn(f"inrun skipped the first-step batch check: {type(error).__name__}: {error}", stacklevel=3)
+        finally:
+            capture.discard()
+            capture.batch_size = size  # a new micro-batch for the real forward
+            self.seconds += time.perf_counter() - start
+
+    def on_step(self, recorder: Any, step: int, captured: list[CapturedBatch], grads: Mapping[str, Tensor]) -> None:
+        if not self.due(step) or getattr(recorder, "world_size", 1) != 1 or not captured:
+            return
+        if self.first_step is None:
+            self.first_step = step
+        shapes = captured[0].shapes
+        usable = {k: g for k, g in grads.items() if k in shapes and tuple(g.shape) == tuple(shapes[k])}
+        check_completeness(recorder.capture, captured, usable)
+
+
+# -- the public self-test --------------------------------------------------------------------------------------------
+ROUTE_NAMES = {"gram": "ghost", "materialise": "materialised", "flat": "materialised"}
+
+
+@dataclass
+class ParameterCheck:
+    """One row of :func:`check_model`'s table."""
+
+    parameter: str
+    module: str
+    layer: str
+    #: "ghost" (Gram products, nothing materialised), "materialised" (a dedicated handler forms the per-sample
+    #: gradients), "fallback" (the generic torch.func handler) or "refused"
+    route: str
+    #: None for refused parameters
+    exact: bool | None
+    #: largest over samples of |engine - torch.func| / (largest torch.func per-sample gradient norm), this parameter
+    max_rel_error: float
+    #: why the parameter is refused or not exact ("" when exact)
+    reason: str = ""
+
+
+@dataclass
+class ModelCheck:
+    """What :func:`check_model` found: ``ok`` when every trainable parameter is exact (refused ones allowed only with
+    ``allow_unsupported``) and the samples are independent."""
+
+    ok: bool
+    rows: list[ParameterCheck] = field(default_factory=list)
+    #: why the samples are coupled (refused whatever allow_unsupported says), or None
+    mixing: str | None = None
+    #: an error the engine raised on the batch (the rows then say which parameters it concerns)
+    error: str | None = None
+
+    def __str__(self) -> str:
+        header = ("parameter", "module", "layer", "route", "exact", "max rel. error", "reason")
+        body = [
+            (r.parameter, r.module, r.layer, r.route, "-" if r.exact is None else ("yes" if r.exact else "NO"),
+             "-" if r.exact is None else f"{r.max_rel_error:.1e}", r.reason)
+            for r in self.rows
+        ]
+        widths = [max(len(str(row[c])) for row in [header, *body]) for c in range(len(header) - 1)]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(row[:-1], widths)) + "  " + row[-1] for row in [header, *body]]
+        counts: dict[str, int] = {}
+        for r in self.rows:
+            counts[r.route] = counts.get(r.route, 0) + 1
+        lines.append("routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        lines.append("samples independent: " + ("yes" if self.mixing is None else "NO -- " + self.mixing))
+        if self.error:
+            lines.append("engine error: " + self.error)
+        lines.append("verdict: " + ("exact" if self.ok else "NOT usable as is (see the rows marked NO / refused)"))
+        return "\n".join(lines)
+
+
+def _reference_per_sample(model: nn.Module, loss_fn: LossFn, batch: Any, n: int,
+                          params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per-sample gradients by ``torch.func.grad`` of ``functional_call``, one sample at a time (the model runs on a
+    batch of one, so nothing about the batch can leak into a sample's gradient)."""
+    values = {k: p.detach() for k, p in params.items()}
+
+    class Functional(nn.Module):
+        def __init__(self, current):
+            super().__init__()
+            self.current = current
+
+        def forward(self, *args, **kwargs):
+            return torch.func.functional_call(model, self.current, args, kwargs, tie_weights=True, strict=False)
+
+        def __getattr__(self, name):  # loss functions may read attributes of the model (a config, a head)
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(model, name)
+
+    def single(current: dict[str, Tensor], sample: Any) -> Tensor:
+        return loss_fn(Functional(current), sample)[0]
+
+    rows = [torch.func.grad(single)(values, slice_batch(batch, n, i)) for i in range(n)]
+    return {k: torch.stack([row[k] for row in rows]) for k in values}
+
+
+def check_model(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *, allow_unsupported: bool = False, print_table: bool = True
+) -> ModelCheck:
+    """Run inrun on ``batch`` and compare every trainable parameter's per-sample gradients with ``torch.func``.
+
+    Probes sample independence in the model's current mode (same random state for both forwards), then compares in
+    eval mode (dropout off; the reference runs each sample on its own). Returns a :class:`ModelCheck` whose rows say,
+    per parameter, the route (ghost / materialised / fallback / refused), whether it is exact and why not; prints the
+    table unless ``print_table=False``. Keep the batch small (the reference takes one gradient per sample).
+    """
+    from inrun.engine.products import capture_batch, infer_batch_size
+
+    n = infer_batch_size(batch)
+    if n is None:
+        raise InRunError("check_model needs a batch with a leading sample dimension (a tensor, or a dict/tuple of them)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        capture = GradientCapture(model, allow_unsupported=True)
+    mixing = probe_independence(model, loss_fn, batch, n)
+    owners = {}
+    for module_name, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), (module_name or "<root>", type(module).__name__))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    routes_by_name = {name: entry.route for entry in capture.hooked for name in entry.parameters.values()}
+    modes = {m: m.training for m in model.modules()}
+    error = None
+    engine: dict[str, Tensor] = {}
+    routes: dict[str, str] = {}
+    try:
+        model.eval()
+        try:
+            with capture:
+                captured = capture_batch(capture, model, loss_fn, batch)
+            captured.squared_norms()  # fills the routes
+            routes = dict(captured.routes)
+            engine = captured.per_sample_gradients()
+        except InRunError as caught:
+            error = f"{type(caught).__name__}: {caught}"
+        covered = {k: trainable[k] for k in capture.parameters}
+        reference = _reference_per_sample(model, loss_fn, batch, n, trainable)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    rows = []
+    for name, p in trainable.items():
+        module_name, layer = owners.get(id(p), ("?", "?"))
+        if name not in covered:
+            rows.append(ParameterCheck(name, module_name, layer, "refused", None, math.nan,
+                                       capture.coverage.refused.get(name, "not attributed")))
+            continue
+        route = "fallback" if routes_by_name.get(name) == "fallback" else \
+            ROUTE_NAMES.get(routes.get(name, ""), "ghost" if "gram" in routes.get(name, "") else "materialised")
+        expected = reference[name].detach().double().reshape(n, -1)
+        got = engine.get(name)
+        if got is None:
+            reason = error or "no call of its module received a gradient (used outside its module's forward?)"
+            rows.append(ParameterCheck(name, module_name, layer, route, False, math.inf, reason))
+            continue
+        got = got.detach().double().reshape(n, -1).to(expected.device)
+        scale = float(expected.norm(dim=1).max())
+        worst = float((got - expected).norm(dim=1).max())
+        relative = worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
+        exact = relative <= tolerance(p.dtype, MODEL_TOLERANCE)
+        reason = "" if exact else _inexact_reason(got, expected)
+        rows.append(ParameterCheck(name, module_name, layer, route, exact, relative, reason))
+    refused_ok = allow_unsupported or all(r.route != "refused" for r in rows)
+    ok = mixing is None and error is None and refused_ok and all(r.exact for r in rows if r.route != "refused")
+    result = ModelCheck(ok, rows, mixing, error)
+    if print_table:
+        print(result)
+    return result
+
+
+def _inexact_reason(got: Tensor, expected: Tensor) -> str:
+    """Tell a wrong split between samples (sums agree) from gradient missing altogether (sums differ)."""
+    total = float(expected.sum(0).norm()) + 1e-30
+    if float((got.sum(0) - expected.sum(0)).norm()) <= 1e-6 * total + 1e-12:
+        return ("the per-sample gradients add up but are credited to the wrong samples (a module called without "
+                "the batch dimension whose first dimension equals the batch size?)")
+    return ("the per-sample gradients do not add up to the batch gradient: the parameter is used outside its "
+            "module's forward (a functional use of a tied weight, `x @ self.wte.weight.T`?)")
