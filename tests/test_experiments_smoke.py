@@ -71,3 +71,31 @@ def test_bench_engine_tiny(tmp_path):
     bench_engine.main(["--seq-lens", "16", "--layers", "1", "--vocab", "64", "--batch", "2", "--val-batch", "1",
                        "--repeats", "1", "--threads", "1", "--out", str(out)])
     assert out.exists()
+
+
+def test_bench_fallback_tiny(tmp_path):
+    from experiments import bench_fallback
+
+    out = tmp_path / "fallback.json"
+    bench_fallback.main(["--hidden", "16", "--ffn", "32", "--layers", "1", "--heads", "2", "--vocab", "64",
+                         "--seq-len", "8", "--batch", "2", "--val-batch", "1", "--repeats", "1", "--steps", "1",
+                         "--threads", "1", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == set(bench_fallback.VARIANTS)
+    assert results["norms through the fallback"]["fallback_tensors"] == 3  # two per layer and the final norm
+    assert results["norms frozen"]["fallback_tensors"] == 0
+    for result in results.values():
+        assert all(m["cpu_seconds"] > 0 for m in result["measurements"].values())
+        assert result["loop"]["recorder_cpu_s"] > 0
+
+
+def test_model_coverage_rewrites_only_its_block(tmp_path):
+    from experiments import model_coverage
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{model_coverage.START}\nold table\n{model_coverage.END}\nafter\n")
+    rows = model_coverage.main(["--readme", str(readme), "--cases", "groupnorm_cnn", "batchnorm_train"])
+    assert [(row["name"], row["verdict"]) for row in rows] == [("groupnorm_cnn", "exact"), ("batchnorm_train", "refused")]
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{model_coverage.END}\nafter\n")
+    assert "old table" not in text and "| groupnorm_cnn |" in text and "samples mixed" in text

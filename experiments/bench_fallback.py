@@ -1,0 +1,205 @@
+"""What the generic fallback costs: a Llama-shaped model with its RMSNorm scales attributed through the fallback,
+against the same model with those scales frozen, both as ratios to plain training, measured side by side in one
+process.
+
+Hugging Face's ``LlamaForCausalLM`` (random weights from a config) has no dedicated handler for ``LlamaRMSNorm``: its
+``weight`` goes through the generic fallback (per-sample vector-Jacobian products of the module with ``torch.func``).
+Freezing those weights (``requires_grad_(False)``) leaves only Linear and Embedding layers, all on dedicated handlers.
+For each of the two variants, on the same weights and data (see :mod:`experiments.benchutil` for how times and peak
+memory are taken; CPU time of the process is the steadier figure on a shared machine):
+
+1. ``plain``: forward and backward of the mean loss of the training batch, the baseline of that variant;
+2. ``grad_dots``: :func:`inrun.grad_dots` of the training batch against the validation batch, without the one-off
+   self-checks (``check=False``, the steady state of a loop over batches);
+3. ``grad_norms``: :func:`inrun.grad_norms` of the training batch, likewise;
+4. ``grad_dots + checks``: :func:`inrun.grad_dots` with its default first-call checks (independence probe,
+   completeness, per-sample spot check), the one-off price of a first call;
+5. with ``--steps`` > 0, a training loop of that many SGD steps with :class:`inrun.InRunRecorder` (first-order values
+   against the validation batch) against the same loop without it, after one untimed step each (the recorder's checks
+   run at its first step).
+
+Run from the repo root::
+
+    .venv/bin/python -m experiments.bench_fallback --threads 1
+    .venv/bin/python -m experiments.bench_fallback --threads 1 --hidden 512 --layers 4 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import inrun
+from experiments.benchutil import Measurement, format_bytes, measure, render_table
+
+VARIANTS = {"norms through the fallback": False, "norms frozen": True}
+
+
+def build_model(args: argparse.Namespace, freeze_norms: bool) -> nn.Module:
+    """A Llama-shaped causal LM (RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP), seeded."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),
+        max_position_embeddings=max(args.seq_len, 64), attention_dropout=0.0,
+    )
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and freeze_norms:
+            module.requires_grad_(False)
+    return model
+
+
+def norm_parameters(model: nn.Module) -> tuple[int, int]:
+    """(tensors, values) of the trainable RMSNorm scales: what the fallback attributes."""
+    tensors = [p for m in model.modules() if type(m).__name__.endswith("RMSNorm") for p in m.parameters(recurse=False)
+               if p.requires_grad]
+    return len(tensors), sum(p.numel() for p in tensors)
+
+
+def make_batch(n: int, length: int, vocab: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "index": torch.arange(n)}
+
+
+def loss_fn(model: nn.Module, batch: dict) -> Tensor:
+    """Per-sample mean next-token cross-entropy."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits, labels = logits[:, :-1], batch["input_ids"][:, 1:]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return losses.view(labels.shape).mean(1)
+
+
+def unchecked() -> dict[str, Any]:
+    """``check=False`` where the products take it (the steady-state cost, without the first call's self-checks)."""
+    return {"check": False} if "check" in inspect.signature(inrun.grad_dots).parameters else {}
+
+
+def plain_step(model: nn.Module, batch: dict) -> None:
+    loss_fn(model, batch).mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def training_loop(model: nn.Module, batches: list[dict], val: dict, recorder_path: Path | None) -> float:
+    """SGD steps over ``batches``; with ``recorder_path`` an InRunRecorder values each step. Returns the CPU seconds
+    of every step after the first (the first is untimed: warm-up, and the recorder's one-off checks)."""
+    model = model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    recorder = None
+    if recorder_path is not None:
+        recorder = inrun.InRunRecorder(model, recorder_path, val_data=val, loss_fn=loss_fn, shapley="first",
+                                       overwrite=True)
+        recorder.start()
+    start = None
+    for step, batch in enumerate(batches):
+        if step == 1:
+            start = time.process_time()
+        if recorder is not None:
+            recorder.begin_microbatch(batch)
+        loss = loss_fn(model, batch).mean()
+        loss.backward()
+        if recorder is not None:
+            recorder.end_microbatch()
+            recorder.before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if recorder is not None:
+            recorder.note_train_loss(float(loss.detach()))
+    elapsed = time.process_time() - start if start is not None else 0.0
+    if recorder is not None:
+        recorder.close()
+    model.eval()
+    return elapsed
+
+
+def bench_variant(name: str, args: argparse.Namespace, train: dict, val: dict, device: torch.device) -> dict:
+    model = build_model(args, VARIANTS[name])
+    tensors, values = norm_parameters(model)
+    options = unchecked()
+    results: dict[str, Measurement] = {}
+    results["plain"] = measure(lambda: plain_step(model, train), device, repeats=args.repeats, warmup=1)
+    results["grad_dots"] = measure(lambda: inrun.grad_dots(model, loss_fn, train, val, **options), device,
+                                   repeats=args.repeats, warmup=1)
+    results["grad_norms"] = measure(lambda: inrun.grad_norms(model, loss_fn, train, **options), device,
+                                    repeats=args.repeats, warmup=1)
+    if options:
+        results["grad_dots + checks"] = measure(lambda: inrun.grad_dots(model, loss_fn, train, val), device,
+                                                repeats=args.repeats)
+    out: dict[str, Any] = {"fallback_tensors": tensors, "fallback_values": values,
+                           "measurements": {key: m.as_dict() for key, m in results.items()}}
+    if args.steps > 0:
+        batches = [make_batch(args.batch, args.seq_len, args.vocab, 100 + s) for s in range(args.steps + 1)]
+        with tempfile.TemporaryDirectory() as folder:
+            plain_loop = training_loop(build_model(args, VARIANTS[name]), batches, val, None)
+            recorder_loop = training_loop(build_model(args, VARIANTS[name]), batches, val, Path(folder) / "run.h5")
+        out["loop"] = {"plain_cpu_s": plain_loop, "recorder_cpu_s": recorder_loop}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="training samples")
+    parser.add_argument("--val-batch", type=int, default=2, help="validation samples")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of the recorder loop (0: skip it)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier CPU times)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_fallback.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    train = make_batch(args.batch, args.seq_len, args.vocab, 1)
+    val = make_batch(args.val_batch, args.seq_len, args.vocab, 2)
+
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in VARIANTS:
+            results[name] = bench_variant(name, args, train, val, device)
+
+    headers = ["variant", "fallback params", "plain CPU s", "grad_dots / plain", "grad_norms / plain",
+               "dots + checks / plain", "recorder step / plain step", "peak memory plain / dots"]
+    rows = []
+    for name, result in results.items():
+        m = result["measurements"]
+        plain = m["plain"]["cpu_seconds"]
+        ratio = (lambda key: f"{m[key]['cpu_seconds'] / plain:.2f}x" if key in m else "-")
+        loop = result.get("loop")
+        loop_ratio = f"{loop['recorder_cpu_s'] / loop['plain_cpu_s']:.2f}x" if loop and loop["plain_cpu_s"] > 0 else "-"
+        rows.append([name, f"{result['fallback_tensors']} ({result['fallback_values']:,} values)", f"{plain:.3f}",
+                     ratio("grad_dots"), ratio("grad_norms"), ratio("grad_dots + checks"), loop_ratio,
+                     f"{format_bytes(m['plain']['peak_bytes'])} / {format_bytes(m['grad_dots']['peak_bytes'])}"])
+    print(f"Llama-shaped: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}, "
+          f"batch {args.batch} x {args.seq_len} tokens, validation {args.val_batch}; "
+          f"threads {torch.get_num_threads()}; CPU seconds, medians of {args.repeats}")
+    print(render_table(headers, rows))
+    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "platform": platform.platform(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1, default=str))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
