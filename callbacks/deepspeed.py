@@ -129,7 +129,8 @@ class DeepSpeedInRun:
     Args:
         engine: the ``DeepSpeedEngine`` from ``deepspeed.initialize`` (data parallel; ZeRO stage 0-3).
         path: the store; one file per rank (``run.rank0.h5``, ...) when there are several ranks.
-        val_data: the validation batch, a list of batches or a loader (the same on every rank; checked).
+        val_data: the validation batch, a list of batches or a loader (the same on every rank; checked). Needed for
+            values; with ``shapley=None`` it may be left out (embeddings only: no validation pass).
         loss_fn: ``loss_fn(module, batch) -> Tensor[n]``, one loss per sample; called with ``engine.module``.
         shapley: ``"first"``, ``"second"`` (adds the midpoint second-order value) or None.
         embeddings: record projected per-sample gradients (True, a dict or ``ProjectionSettings``).
@@ -139,15 +140,17 @@ class DeepSpeedInRun:
             evaluates every point.
         Other keyword arguments go to :class:`inrun.valuation.recorder.InRunRecorder` (``per_val_point``, ``index_key``,
         ``index_fn``, ``source_key``, ``source_names``, ``record_norms``, ``allow_unsupported``, ``overwrite``,
-        ``flush_every``, ``checkpoint_every``).
+        ``flush_every``, ``checkpoint_every``, ``update_rule``). Every argument is checked before the first step (an
+        optimizer inrun does not know is an error unless ``update_rule`` names its rule); the store is created at
+        the first step.
     """
 
     def __init__(
         self,
         engine,
         path: str | Path,
-        val_data: Any,
-        loss_fn: LossFn,
+        val_data: Any = None,
+        loss_fn: LossFn | None = None,
         shapley: str | None = "first",
         embeddings: Any = False,
         *,
@@ -163,6 +166,7 @@ class DeepSpeedInRun:
         flush_every: int = 100,
         checkpoint_every: int | None = None,
         split_validation: bool = True,
+        update_rule: str | None = None,
     ):
         self.adapter = DeepSpeedAdapter(engine)
         self.engine = engine
@@ -171,7 +175,6 @@ class DeepSpeedInRun:
         dist = process_group()
         self.rank = dist.get_rank() if dist is not None else 0
         self.world_size = dist.get_world_size() if dist is not None else 1
-        self.rule = self.adapter.rule
         self._losses: list[float] = []
         self._closed = False
         self._check_resume(resume_state)
@@ -180,7 +183,7 @@ class DeepSpeedInRun:
         extra = {"framework": "deepspeed", **self.adapter.config()}
         options = dict(per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
                        source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
-                       overwrite=overwrite, flush_every=flush_every)
+                       overwrite=overwrite, flush_every=flush_every, update_rule=update_rule)
         if checkpoint_every is not None:  # model snapshots for post-hoc values (rank 0; full tensors under ZeRO-3)
             options["checkpoint_every"] = checkpoint_every
 
@@ -202,7 +205,8 @@ class DeepSpeedInRun:
                     raise
             return recorder
 
-        self.recorder: InRunRecorder = self._agree("setting up inrun", build)
+        self.recorder: InRunRecorder = self._agree("setting up inrun", build)  # every argument checked in there
+        self.rule = self.adapter.rule  # the user's update_rule, else the base optimizer's (checked by prepare)
         self._check_ranks_agree(shapley, embeddings, per_val_point, index_key, path, overwrite)
         split_validation_set(self.recorder, split_validation, checked=True)  # the check above compared the data
 
@@ -254,7 +258,8 @@ class DeepSpeedInRun:
     def _check_ranks_agree(self, shapley, embeddings, per_val_point, index_key, path, overwrite) -> None:
         """Every rank must record the same kind of run against the same validation data."""
         digest = hashlib.sha256()
-        for batch in self.recorder.validation.batches:
+        validation = self.recorder.validation  # None: no validation data (embeddings only)
+        for batch in validation.batches if validation is not None else []:
             _tensor_digest(batch, digest)
         embed = self.recorder.embeddings
         mine = {
@@ -264,7 +269,7 @@ class DeepSpeedInRun:
             "index_key": index_key,
             "store path": str(Path(path)),
             "overwrite": overwrite,
-            "number of validation points": self.recorder.validation.num_points,
+            "number of validation points": validation.num_points if validation is not None else 0,
             "validation data (sha256)": digest.hexdigest()[:16],
             "run id": self.recorder.run_id,
             "trainable parameters": sorted((n, tuple(s)) for n, s in

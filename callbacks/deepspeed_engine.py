@@ -10,7 +10,6 @@ loop) and by the Lightning callback under Lightning's DeepSpeed strategy.
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 
 from inrun.callbacks.distributed import all_ranks_true, process_group
 from inrun.valuation.recorder import InRunRecorder
-from inrun.valuation.update_rules import rule_name
+from inrun.valuation.update_rules import resolve_rule, rule_name
 
 _PIN = -0x1A5D  # a fake sub-module id that keeps ZeRO-3 from releasing gathered parameters while inrun works
 
@@ -260,6 +259,11 @@ def _state_keys(rule: str, group: dict) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad") else ("exp_avg", "exp_avg_sq")
     if rule == "sgd" and group.get("momentum"):
         return ("momentum_buffer",)
+    if rule == "rmsprop":
+        return ("square_avg",) + (("momentum_buffer",) if group.get("momentum") else ()) + (
+            ("grad_avg",) if group.get("centered") else ())
+    if rule == "adagrad":
+        return ("sum",)
     return ()
 
 
@@ -347,10 +351,9 @@ class DeepSpeedAdapter:
             recorder.param_shapes = {name: full_shape(p) for name, p in recorder.params.items()}
         clip = float(self.engine.gradient_clipping() or 0.0)
         recorder.clip_norm = clip if clip > 0 else None  # DeepSpeed clips by the global norm, as clip_grad_norm_
-        if self.rule.startswith("sgd-fallback"):
-            warnings.warn(f"inrun does not know the update rule of {type(self.engine.basic_optimizer).__name__}; "
-                          f"values use the plain SGD rule and the store records update_rule='{self.rule}'",
-                          stacklevel=3)
+        # the user's update_rule, else the base optimizer's; an optimizer inrun does not know is an error here
+        if recorder.order > 0 or recorder.embeddings is not None:
+            self.rule = resolve_rule(self.engine.basic_optimizer, recorder.update_rule)
 
     def is_boundary(self) -> bool:
         return bool(self.engine.is_gradient_accumulation_boundary())

@@ -72,7 +72,7 @@ def split_validation(recorder: Any, enabled: bool = True, *, checked: bool = Fal
     dist = process_group()
     world = dist.get_world_size() if dist is not None else 1
     split = False
-    if enabled and world > 1:
+    if enabled and world > 1 and recorder.validation is not None:  # None: no validation data (embeddings only)
         if not checked:
             digests = all_gather_object(validation_digest(recorder.validation.batches))
             if len(set(digests)) > 1:

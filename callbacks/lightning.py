@@ -18,8 +18,9 @@ from torch import Tensor
 
 from inrun.callbacks.distributed import all_gather_object, split_validation
 from inrun.store.paths import new_run_id
+from inrun.valuation.arguments import check_recorder_arguments
 from inrun.valuation.recorder import InRunRecorder
-from inrun.valuation.validation import LossFn
+from inrun.valuation.validation import LossFn, validation_batches
 
 
 def _module_loss(module: L.LightningModule, batch: Any) -> Tensor:
@@ -32,7 +33,8 @@ class InRunCallback(L.Callback):
     Args:
         path: the store (``.h5``); with several processes, one file per rank (``run.rank0.h5``, ...).
         val_data: the validation batch, a list of batches or a loader; the utility is the mean loss over its points.
-        shapley: ``"first"``, ``"second"`` (adds the midpoint second-order value) or None (record nothing).
+            Needed for values; with ``shapley=None`` it may be left out (embeddings only: no validation pass).
+        shapley: ``"first"``, ``"second"`` (adds the midpoint second-order value) or None (no values).
         embeddings: record projected per-sample gradients for data value embeddings: True (64 x 64 per layer), or
             a dict / :class:`inrun.engine.projection.ProjectionSettings` (``k_rows``, ``k_cols``, ``kind``, ``seed``,
             ``dtype``, ``every``, ``parameters``).
@@ -45,15 +47,21 @@ class InRunCallback(L.Callback):
         checkpoint_every: save the model every this many steps (and at the end) next to the store, for post-hoc
             values of test points chosen after training (``run.posthoc_values``).
         wandb: a :class:`inrun.callbacks.WandbInfluenceLogger`, True (log to the trainer's W&B logger) or None.
+        update_rule: the rule to value the optimizer's steps with (``"sgd"``, ``"adam"``, ``"adamw"``,
+            ``"rmsprop"``, ``"adagrad"``); None reads it from the optimizer, and an optimizer inrun does not know is
+            an error before training (name its rule here if it updates exactly like one of these).
         split_validation: with several processes (DDP, DeepSpeed), each rank evaluates its share of the validation
             points and collectives assemble the rest (the values are those of one process; every rank must pass the
             same ``val_data``, which is checked). False: every rank evaluates every point.
+
+    Every argument is checked here (and what needs the model or optimizer in ``on_fit_start``), before any training
+    step and before the store is created: a bad one raises :class:`inrun.InvalidArgumentError` naming it.
     """
 
     def __init__(
         self,
         path: str | Path,
-        val_data: Any,
+        val_data: Any = None,
         shapley: str | None = "first",
         embeddings: bool | dict = False,
         *,
@@ -70,16 +78,25 @@ class InRunCallback(L.Callback):
         checkpoint_every: int | None = None,
         wandb: Any = None,
         split_validation: bool = True,
+        update_rule: str | None = None,
     ):
         super().__init__()
+        check_recorder_arguments(
+            path=path, val_data=val_data, loss_fn=loss_fn, shapley=shapley, embeddings=embeddings,
+            per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
+            source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
+            overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every, update_rule=update_rule,
+            loss_fn_optional=True,
+        )
         self.path = Path(path)
-        self.val_data = val_data
+        # split into batches and checked now (a loader is iterated once, here)
+        self.val_data = validation_batches(val_data) if val_data is not None else None
         self.shapley = shapley
         self.loss_fn = loss_fn
         self.options = dict(
             embeddings=embeddings, per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
             source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
-            overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every,
+            overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every, update_rule=update_rule,
         )
         self.wandb = wandb
         self.split_validation = split_validation
@@ -115,7 +132,10 @@ class InRunCallback(L.Callback):
         self.recorder.check_output_path(resuming=trainer.ckpt_path is not None or self._restored is not None)
         self._configure_clipping(trainer)
         if self._deepspeed is not None:
-            self._deepspeed.prepare(self.recorder)  # ZeRO-3 shapes; DeepSpeed's own gradient clipping
+            self._deepspeed.prepare(self.recorder)  # ZeRO-3 shapes; DeepSpeed's own gradient clipping; update rule
+        elif self.recorder.order > 0 or self.recorder.embeddings is not None:
+            for optimizer in trainer.optimizers:  # an optimizer inrun does not know fails here, before training
+                self.recorder.check_optimizer(optimizer)
         if self.wandb is not None and trainer.global_rank == 0:
             from inrun.callbacks.wandb_logging import attach_wandb
 

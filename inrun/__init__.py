@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 from inrun.errors import (
     BatchMismatchError,
     InRunError,
+    InvalidArgumentError,
     LossShapeError,
     NonFiniteGradientError,
     UnsupportedLayerError,
+    UnsupportedOptimizerError,
 )
 from inrun.version import __version__
 
@@ -68,9 +70,11 @@ __all__ = [
     "__version__",
     "BatchMismatchError",
     "InRunError",
+    "InvalidArgumentError",
     "LossShapeError",
     "NonFiniteGradientError",
     "UnsupportedLayerError",
+    "UnsupportedOptimizerError",
     *_EXPORTS,
 ]
 

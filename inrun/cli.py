@@ -19,7 +19,7 @@ from inrun.store.reader import Run, open_run
 
 def _orders(run: Run) -> list[int]:
     order = int(run.config.get("shapley_order", 1))
-    return [1, 2] if order >= 2 else [1]
+    return [] if order == 0 else [1, 2] if order >= 2 else [1]  # 0: shapley=None, no values recorded
 
 
 def _phase_length(run: Run, requested: int | None) -> int:
@@ -43,7 +43,9 @@ def summary_lines(run: Run, top: int = 5, phase_length: int | None = None) -> li
             lines.append(f"efficiency     mean |{key}| = {np.nanmean(np.abs(residual)):.3e} "
                          f"(values of a step vs. its validation-loss reduction)")
     val = steps.get("val_loss")
-    if val is not None and val.size:
+    if not run.config.get("has_validation_data", True):
+        lines.append("val loss       none (no validation data given: embeddings only)")
+    elif val is not None and val.size:
         lines.append(f"val loss       {val[0]:.4f} -> {steps.get('val_loss_after', val)[-1]:.4f}")
     names = run.source_names
     for order in _orders(run):
@@ -59,6 +61,9 @@ def summary_lines(run: Run, top: int = 5, phase_length: int | None = None) -> li
         lines.append("DVEmb influence per step (lr divided out), mean over early / middle / late thirds: "
                      + ", ".join(f"{part.mean():+.3e}" for part in thirds))
     window = _phase_length(run, phase_length)
+    if not _orders(run):
+        lines.append("values         none recorded (shapley=None)")
+        return lines
     phases = run.phase_values(window=window, order=1, by_source=names is not None)
     header = ["phase start"] + (list(phases.source_names) if phases.source_names else ["value_1"])
     lines.append(f"per-phase value_1 sums (window {window} steps)")

@@ -21,6 +21,18 @@ class LossShapeError(InRunError, ValueError):
     """A loss function returned something other than one loss per sample."""
 
 
+class InvalidArgumentError(InRunError, ValueError, TypeError):
+    """An argument (or a batch's index or source field) inrun cannot use: wrong type, out of range, or inconsistent.
+
+    Raised before any training step; the message names the argument, what was given and the fix. A ``ValueError``
+    and a ``TypeError`` both, so code that catches either keeps working.
+    """
+
+
+class UnsupportedOptimizerError(InvalidArgumentError):
+    """An optimizer whose update rule inrun does not know (values would be wrong); name a rule with ``update_rule``."""
+
+
 class ExactnessError(InRunError, RuntimeError):
     """A self-check found captured per-sample gradients that disagree with autograd (a parameter used outside its
     module's forward, a lookup broadcast over the batch that looks per-sample, ...). The message names the

@@ -610,7 +610,8 @@ def test_update_rule_from_the_base_optimizer():
 
     assert deepspeed_update_rule(FusedLike(params, True)) == "adamw"
     assert deepspeed_update_rule(FusedLike(params, False)) == "adam"
-    assert deepspeed_update_rule(torch.optim.Adagrad(params)) == "sgd-fallback:Adagrad"
+    assert deepspeed_update_rule(torch.optim.Adagrad(params)) == "adagrad"
+    assert deepspeed_update_rule(torch.optim.NAdam(params)) == "unsupported:NAdam"  # refused by DeepSpeedInRun
 
 
 # ------------------------------------------------------------------------------------------------ entry point

@@ -8,14 +8,15 @@ The reference is ``optimizer.step()`` itself, run on a copy of the same paramete
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 
-from inrun.valuation.update_rules import UpdateTerms, rule_name, update_terms, warn_if_unknown
+from inrun.errors import InvalidArgumentError, UnsupportedOptimizerError
+from inrun.valuation.update_rules import UpdateTerms, resolve_rule, rule_name, update_terms
 
 SGD, ADAM, ADAMW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
+RMSPROP, ADAGRAD = torch.optim.RMSprop, torch.optim.Adagrad
 
 CONFIGS = {
     "sgd": (SGD, dict(lr=0.1)),
@@ -32,6 +33,13 @@ CONFIGS = {
     "adamw": (ADAMW, dict(lr=0.01, weight_decay=0.1)),
     "adam-decoupled": (ADAM, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
     "adamw-amsgrad": (ADAMW, dict(lr=0.01, weight_decay=0.1, amsgrad=True, eps=1e-6)),
+    "rmsprop": (RMSPROP, dict(lr=0.01)),
+    "rmsprop-wd": (RMSPROP, dict(lr=0.01, weight_decay=0.1, alpha=0.9)),
+    "rmsprop-momentum": (RMSPROP, dict(lr=0.01, momentum=0.9)),
+    "rmsprop-centered-momentum-wd": (RMSPROP, dict(lr=0.01, centered=True, momentum=0.8, weight_decay=0.05,
+                                                   eps=1e-6)),
+    "adagrad": (ADAGRAD, dict(lr=0.1)),
+    "adagrad-decay-wd-init": (ADAGRAD, dict(lr=0.1, lr_decay=0.3, weight_decay=0.05, initial_accumulator_value=0.2)),
 }
 SGD_CONFIGS = [name for name in CONFIGS if name.startswith("sgd")]
 
@@ -169,32 +177,51 @@ def test_rule_names():
     assert rule_name(torch.optim.Adam(p, weight_decay=0.1, decoupled_weight_decay=True)) == "adamw"
 
 
-def test_unknown_optimizer_falls_back_to_sgd_with_a_warning():
+def test_unknown_optimizer_is_refused_unless_a_rule_is_named():
+    """An optimizer inrun does not know would be valued with a wrong rule: an error that names it and the fix."""
     params = _params(0)
-    opt = torch.optim.RMSprop(params.values(), lr=0.01)
-    assert rule_name(opt).startswith("sgd-fallback")
-    assert "RMSprop" in rule_name(opt)
-    with pytest.warns(UserWarning, match="RMSprop"):
-        warn_if_unknown(opt)
+    opt = torch.optim.NAdam(params.values(), lr=0.01)
+    assert rule_name(opt) == "unsupported:NAdam"
     grads = {k: torch.ones_like(p) for k, p in params.items()}
-    terms = update_terms(opt, dict(params), grads)
+    with pytest.raises(UnsupportedOptimizerError, match="NAdam") as info:
+        update_terms(opt, dict(params), grads)
+    assert "update_rule=" in str(info.value) and "'rmsprop'" in str(info.value)
+    # named explicitly: the user takes responsibility for the rule
+    terms = update_terms(opt, dict(params), grads, rule="sgd")
     for t in terms.values():
         assert t.scale == pytest.approx(0.01) and t.delta0 is None
+    with pytest.raises(InvalidArgumentError, match="update_rule='lion'"):
+        resolve_rule(opt, "lion")
 
 
-def test_known_optimizers_do_not_warn():
+def test_a_subclass_of_a_known_optimizer_is_not_assumed_to_update_like_it():
+    class Doubled(torch.optim.SGD):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                group["lr"] *= 2
+            return super().step(closure)
+
+    opt = Doubled(_params(0).values(), lr=0.1)
+    with pytest.raises(UnsupportedOptimizerError, match="subclasses SGD"):
+        resolve_rule(opt)
+    assert resolve_rule(opt, "sgd") == "sgd"
+
+
+def test_known_optimizers_resolve_without_error():
     p = [torch.nn.Parameter(torch.zeros(2))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for opt in (torch.optim.SGD(p, lr=0.1), torch.optim.Adam(p), torch.optim.AdamW(p)):
-            warn_if_unknown(opt)
+    for opt, rule in ((torch.optim.SGD(p, lr=0.1), "sgd"), (torch.optim.Adam(p), "adam"),
+                      (torch.optim.AdamW(p), "adamw"), (torch.optim.RMSprop(p), "rmsprop"),
+                      (torch.optim.Adagrad(p), "adagrad")):
+        assert resolve_rule(opt) == rule
 
 
 def test_maximize_is_refused():
     params = _params(0)
     opt = torch.optim.SGD(params.values(), lr=0.1, maximize=True)
-    with pytest.raises(NotImplementedError, match="maximize"):
+    with pytest.raises(UnsupportedOptimizerError, match="maximize"):
         update_terms(opt, dict(params), {k: torch.ones_like(p) for k, p in params.items()})
+    with pytest.raises(UnsupportedOptimizerError, match="maximize"):  # even with a rule named
+        resolve_rule(opt, "sgd")
 
 
 def test_parameters_outside_the_optimizer_or_without_gradient_are_left_out():
@@ -204,3 +231,71 @@ def test_parameters_outside_the_optimizer_or_without_gradient_are_left_out():
     assert set(terms) == {"w"}
     terms = update_terms(opt, dict(params), {})
     assert terms == {}
+
+
+def _replay_scale(opt: torch.optim.Optimizer, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The fixed-state scale D of RMSprop / Adagrad, written from torch's documented algorithms and the optimizer's
+    own state (independently of inrun's code)."""
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    state = opt.state.get(p, {})
+    g = grad + group["weight_decay"] * p.detach()
+    if isinstance(opt, RMSPROP):
+        alpha = group["alpha"]
+        v = alpha * state.get("square_avg", torch.zeros_like(p)) + (1 - alpha) * g * g
+        if group["centered"]:
+            mean = alpha * state.get("grad_avg", torch.zeros_like(p)) + (1 - alpha) * g
+            v = v - mean * mean
+        return group["lr"] / (v.sqrt() + group["eps"])
+    t = int(state["step"]) + 1
+    total = state["sum"] + g * g
+    return group["lr"] / (1 + (t - 1) * group["lr_decay"]) / (total.sqrt() + group["eps"])
+
+
+@pytest.mark.parametrize("name", ["rmsprop-centered-momentum-wd", "rmsprop", "adagrad-decay-wd-init"])
+def test_recorded_values_of_rmsprop_and_adagrad_match_an_independent_replay(tmp_path, name):
+    """First-order values phi_i = <D * g_V, c_i> of a recorded run against per-sample gradients from torch.func,
+    the validation gradient from autograd and D from the optimizer's state, step by step."""
+    import reference as R
+    import torch.nn.functional as F
+    from torch import nn
+
+    import inrun
+    from inrun import InRunRecorder
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+    val = {"x": torch.randn(4, 3, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (4,), generator=g)}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    cls, kwargs = CONFIGS[name]
+    opt = cls(model.parameters(), **kwargs)
+    recorder = InRunRecorder(model, tmp_path / "run.h5", val_data=val, loss_fn=loss_fn, shapley="first")
+    recorder.start()
+    expected = []
+    for ids in (torch.arange(0, 4), torch.arange(4, 8), torch.arange(8, 12)):
+        batch = {"x": x[ids], "y": y[ids], "index": ids}
+        recorder.capture.enabled = False  # the references run without inrun's hooks
+        per_sample = R.per_sample_grads(model, loss_fn, batch)
+        val_grad = dict(zip([n for n, _ in model.named_parameters()],
+                            torch.autograd.grad(loss_fn(model, val).mean(), list(model.parameters()))))
+        recorder.capture.enabled = True
+        recorder.begin_microbatch(batch)
+        loss_fn(model, batch).mean().backward()
+        recorder.end_microbatch()
+        step = torch.zeros(4, dtype=torch.float64)
+        for pname, p in model.named_parameters():
+            direction = _replay_scale(opt, p, p.grad) * val_grad[pname]
+            step += (per_sample[pname] / 4 * direction).reshape(4, -1).sum(1)
+        expected.append(step)
+        recorder.before_optimizer_step(opt)
+        opt.step()
+        opt.zero_grad()
+    recorder.close()
+    with inrun.open_run(tmp_path / "run.h5") as run:
+        assert run.config["update_rule"] == cls.__name__.lower()
+        for t, reference in enumerate(expected):
+            _, values = run.step_values(t)
+            torch.testing.assert_close(torch.as_tensor(values), reference, rtol=1e-9, atol=1e-12)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from inrun.engine.captured import CapturedBatch
+from inrun.engine.factors import OuterFactor, concat_factors
 from inrun.engine.products import infer_batch_size
 from inrun.errors import InRunError
 
@@ -155,7 +156,7 @@ class RankShare:
                 return buffers[dtype][start:start + _numel(shape)].view(shape).to(device)
 
             gathered.extend(_unpack_captured(entry, take) for entry in rank_layout)
-        return gathered
+        return merge_captured(gathered)
 
     def all_true(self, flag: bool) -> bool:
         """``flag`` on every rank (one all-reduce of one number)."""
@@ -169,6 +170,34 @@ class RankShare:
         if failures:
             raise RankShareError(f"the validation pass failed on {failures} other rank(s) of the split validation "
                                  "set; see that rank's error")
+
+
+def merge_captured(parts: list[CapturedBatch]) -> list[CapturedBatch]:
+    """The batches joined into one along the sample axis when they hold the same factor forms (positions padded
+    with zeros, which contribute nothing), else unchanged. Every product over validation points then runs once
+    instead of once per rank's piece: on small models the per-parameter overhead of a product, not its arithmetic,
+    is what the valuation spends its time on."""
+    if len(parts) < 2:
+        return parts
+    first = parts[0]
+
+    def form(factor: Any) -> tuple:
+        if isinstance(factor, OuterFactor):
+            return (type(factor), type(factor.rows), type(factor.cols), factor.shape)
+        return (type(factor), factor.numel)
+
+    forms = {name: [form(f) for f in uses] for name, uses in first.factors.items()}
+    for part in parts[1:]:
+        if list(part.factors) != list(forms) or any(
+                [form(f) for f in part.factors[name]] != forms[name] for name in forms):
+            return parts
+    factors = {name: [concat_factors([part.factors[name][k] for part in parts]) for k in range(len(uses))]
+               for name, uses in first.factors.items()}
+    merged = CapturedBatch(factors, sum(part.n for part in parts), first.shapes)
+    merged.memory_budget, merged.force_route = first.memory_budget, first.force_route
+    if all(part.losses is not None for part in parts):
+        merged.losses = torch.cat([part.losses for part in parts])  # type: ignore[misc]
+    return [merged]
 
 
 # -- batches ----------------------------------------------------------------------------------------------------------

@@ -35,12 +35,24 @@ from torch import Tensor, nn
 
 from inrun.engine.capture import GradientCapture
 from inrun.engine.projection import ProjectionSettings, Projector
-from inrun.errors import BatchMismatchError, InRunError, NonFiniteGradientError
+from inrun.errors import BatchMismatchError, InRunError, InvalidArgumentError, NonFiniteGradientError
 from inrun.store.paths import checkpoint_folder, checkpoint_path, new_run_id, rank_path
 from inrun.store.schema import DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, Column
 from inrun.store.writer import RunWriter
+from inrun.valuation.arguments import (
+    check_distribution,
+    check_embedding_parameters,
+    check_recorder_arguments,
+    leading_sizes,
+    sample_ids_from,
+    source_labels_from,
+)
 from inrun.valuation.shapley import MicroBatch, StepValues, sample_ids_of, sources_of, value_step
-from inrun.valuation.update_rules import clip_coefficient, rule_name, update_terms, warn_if_unknown
+from inrun.valuation.update_rules import (
+    clip_coefficient,
+    resolve_rule,
+    update_terms,
+)
 from inrun.valuation.validation import LossFn, ValidationSet
 from inrun.version import __version__
 
@@ -99,7 +111,7 @@ class InRunRecorder:
         model: nn.Module,
         path: str | Path,
         *,
-        val_data: Any,
+        val_data: Any = None,
         loss_fn: LossFn,
         shapley: str | None = "first",
         embeddings: "bool | dict | ProjectionSettings" = False,
@@ -118,15 +130,21 @@ class InRunRecorder:
         gradient_divisor: float = 1.0,
         checkpoint_every: int | None = None,
         extra_config: dict | None = None,
+        update_rule: str | None = None,
     ):
-        if shapley not in SHAPLEY_ORDERS:
-            raise ValueError(f"shapley must be 'first', 'second' or None, got {shapley!r}")
+        # every argument is checked here, before any training step and before anything is written
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_distribution(rank, world_size, gradient_divisor, run_id, extra_config)
+        self.order, self.embeddings = check_recorder_arguments(
+            path=path, val_data=val_data, loss_fn=loss_fn, shapley=shapley,
+            embeddings=embeddings, per_val_point=per_val_point, index_key=index_key, index_fn=index_fn,
+            source_key=source_key, source_names=source_names, record_norms=record_norms,
+            allow_unsupported=allow_unsupported, overwrite=overwrite, flush_every=flush_every,
+            checkpoint_every=checkpoint_every, update_rule=update_rule,
+        )
         self.model = model
         self.path = rank_path(path, rank, world_size)
-        self.order = SHAPLEY_ORDERS[shapley]
-        self.embeddings = ProjectionSettings.from_any(embeddings) if embeddings else None
-        if self.embeddings is not None and self.embeddings.dtype not in ("float32", "float16"):
-            raise ValueError(f"embeddings dtype must be 'float32' or 'float16', got {self.embeddings.dtype!r}")
         self.projector: Projector | None = None
         self.per_val_point = per_val_point
         self.index_key, self.index_fn, self.source_key = index_key, index_fn, source_key
@@ -138,11 +156,15 @@ class InRunRecorder:
         #: output gradients are divided by this (data-parallel averaging across ranks: the world size)
         self.gradient_divisor = gradient_divisor
         self.extra_config = dict(extra_config or {})
+        #: the update rule named by the user (None: read from the optimizer; an unknown optimizer is an error)
+        self.update_rule = update_rule
         #: save the model (parameters theta_t at the start of step t) every this many steps, and the final model
         self.checkpoint_every = checkpoint_every
         self.capture = GradientCapture(model, allow_unsupported=allow_unsupported)
         self.params = dict(self.capture.parameters)
-        self.validation = ValidationSet(val_data, loss_fn, model, self.capture)
+        check_embedding_parameters(self.embeddings, self.params)
+        #: None when no validation data were given (``shapley=None``: embeddings only, no validation pass at all)
+        self.validation = ValidationSet(val_data, loss_fn, model, self.capture) if val_data is not None else None
         self.writer: RunWriter | None = None
         self.next_step = 0
         self.pending: PendingStep | None = None
@@ -151,6 +173,11 @@ class InRunRecorder:
         self._skip_reason: str | None = None
         self._train_losses: list[float] = []
         self._resume_state: dict | None = None
+        #: steps skipped before the store could be opened (an empty first batch while recording embeddings: the
+        #: projection layout comes from the first captured batch); written when it opens
+        self._early_skips: list[tuple[int, float, float]] = []
+        self._empty_microbatches = 0  # in the current step
+        self._rule: str | None = None
         self.listeners: list[Callable[[dict, dict], None]] = []
         self.clip_norm: float | None = None
         #: full parameter shapes by name, for engines that partition the model's own tensors (DeepSpeed ZeRO-3 leaves
@@ -166,20 +193,54 @@ class InRunRecorder:
                 "run to append to it, or choose another path"
             )
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> str:
+        """The update rule the steps of ``optimizer`` will be valued with; an optimizer inrun does not know is an
+        :class:`~inrun.errors.UnsupportedOptimizerError` (unless ``update_rule`` names a rule). Integrations call it
+        before training; a plain loop may (otherwise it runs at the first ``before_optimizer_step``)."""
+        return resolve_rule(optimizer, self.update_rule)
+
     def start(self, device: torch.device | None = None) -> None:
         """Attach hooks and check the validation data against the model (the store opens at the first step)."""
         if self.capture._handles:
             return
-        device = device or next(iter(self.params.values())).device
-        self.validation.to(device)
+        if self.validation is not None:
+            device = device or next(iter(self.params.values()), next(self.model.parameters(), None)).device
+            self.validation.to(device)
         self.capture.attach()
-        self.validation.gradient(self.params)  # fails early on validation data that does not fit
+        try:
+            self._check_validation()
+        except BaseException:
+            self.capture.detach()
+            raise
+
+    def _check_validation(self) -> None:
+        """Run the validation data through the model once (loss and gradient): it must fit the loss function, hold
+        at least one point and give a finite loss."""
+        if self.validation is None:
+            return
+        try:
+            loss, _ = self.validation.gradient(self.params)  # fails early on validation data that does not fit
+        except ZeroDivisionError:
+            raise InvalidArgumentError("val_data gives 0 validation losses (loss_fn returned an empty tensor for "
+                                       "it); the validation utility is a mean over points: give at least one") from None
+        except InRunError as error:
+            if type(error) is not InRunError:  # a named problem (layer, shape, batch structure) stays as it is
+                raise
+            raise InvalidArgumentError(
+                f"the validation loss at the initial parameters is not finite ({error}): check val_data and "
+                "loss_fn on it (NaN inputs, labels out of range, log of 0); values need a finite validation loss"
+            ) from error
+        if not math.isfinite(loss):
+            raise InvalidArgumentError(
+                f"the validation loss at the initial parameters is {loss} (NaN or infinite): check val_data and "
+                "loss_fn on it (NaN inputs, labels out of range, log of 0); values need a finite validation loss"
+            )
 
     def _open_store(self, first: MicroBatch | None, update_rule: str) -> None:
         """Create (or resume) the store; the projection layout comes from the first captured micro-batch."""
         record_columns = dict(DEFAULT_RECORD_COLUMNS)
         step_columns = dict(STEP_COLUMNS)
-        if self.per_val_point:
+        if self.per_val_point and self.validation is not None:
             n_val = self.validation.num_points
             record_columns["value_1_per_val"] = Column(np.float32, (n_val,))
             if self.order == 2:
@@ -225,7 +286,9 @@ class InRunRecorder:
             "shapley_order": self.order,
             "embeddings": None if self.embeddings is None else vars(self.embeddings),
             "per_val_point": self.per_val_point,
-            "n_val": self.validation.num_points,
+            "n_val": self.validation.num_points if self.validation is not None else 0,
+            # False: no validation data (embeddings only); no validation loss recorded (NaN in the steps table)
+            "has_validation_data": self.validation is not None,
             "record_norms": self.record_norms,
             "index_key": self.index_key,
             "checkpoint_every": self.checkpoint_every,
@@ -238,27 +301,51 @@ class InRunRecorder:
 
     # -- per micro-batch ------------------------------------------------------------------------------------------
     def sample_ids(self, batch: Any) -> Tensor:
-        ids = self.index_fn(batch) if self.index_fn is not None else batch_field(batch, self.index_key)
-        if ids is None:
+        """The dataset ids of a batch's samples (int64, each >= 0), from ``index_fn`` or the batch's index field."""
+        if self.index_fn is not None:
+            return sample_ids_from(self.index_fn(batch), "returned by index_fn")
+        if not isinstance(batch, dict) or self.index_key not in batch:
             raise BatchMismatchError(
                 f"training batches must carry the dataset index of each sample: a dict batch with key "
                 f"'{self.index_key}' (set index_key=...), or pass index_fn=lambda batch: LongTensor[n]"
             )
-        return torch.as_tensor(ids).reshape(-1).long()
+        return sample_ids_from(batch[self.index_key], f"batch['{self.index_key}']")
 
     def begin_microbatch(self, batch: Any) -> None:
-        """Note the dataset ids (and source labels) of the samples about to go through forward and backward."""
+        """Note the dataset ids (and source labels) of the samples about to go through forward and backward.
+
+        Checked here, before the forward pass: ids are integers >= 0, one per sample (when the batch's other tensors
+        agree on a number of samples, it must be the number of ids), source labels within ``source_names``.
+        """
         ids = self.sample_ids(batch)
-        self._current = (ids, batch_field(batch, self.source_key))
+        skip = (self.index_key, self.source_key) if isinstance(batch, dict) else ()
+        sizes = leading_sizes(batch, skip) if self.index_fn is None else set()  # index_fn: the batch may be anything
+        if sizes and ids.shape[0] not in sizes:
+            raise BatchMismatchError(
+                f"the batch carries {ids.shape[0]} sample indices (batch['{self.index_key}']) but its tensors hold "
+                f"{' or '.join(str(n) for n in sorted(sizes))} samples; give one dataset index per sample"
+            )
+        sources = None
+        if isinstance(batch, dict) and self.source_key in batch:
+            sources = source_labels_from(batch[self.source_key], ids.shape[0], self.source_key, self.source_names)
+        self._current = (ids, sources)
         self.capture.batch_size = ids.shape[0]
         self.capture.discard()
 
     def end_microbatch(self, grad_scale: float = 1.0) -> None:
-        """Collect the per-sample factors of the backward pass just run (``grad_scale``: fp16 loss scale)."""
+        """Collect the per-sample factors of the backward pass just run (``grad_scale``: fp16 loss scale).
+
+        An empty micro-batch (zero samples) contributes nothing: it is dropped, and a step made only of empty
+        micro-batches is recorded as skipped.
+        """
         if self._current is None:
             raise InRunError("end_microbatch() called without begin_microbatch(batch) first")
         ids, sources = self._current
         self._current = None
+        if ids.shape[0] == 0:
+            self.capture.discard()
+            self._empty_microbatches += 1
+            return
         try:
             captured = self.capture.collect(
                 num_samples=ids.shape[0], grad_scale=grad_scale * self.gradient_divisor, check_finite=False
@@ -267,6 +354,14 @@ class InRunRecorder:
             self._skip_reason = str(error)
             self.capture.discard()
             return
+        except BatchMismatchError as error:
+            where = "index_fn" if self.index_fn is not None else f"batch['{self.index_key}']"
+            raise BatchMismatchError(
+                f"the batch carries {ids.shape[0]} sample indices ({where}) but the model's layers saw another "
+                f"number of samples ({str(error).split(' but ')[0]}). Either the indices are not one per sample "
+                "(fix the index field or index_fn), or the model moves samples out of the first dimension (a "
+                "reshape of [n, T, d] into [n*T, d] before a layer cannot be attributed per sample)"
+            ) from error
         if self.param_shapes:
             captured.shapes.update({k: self.param_shapes[k] for k in captured.shapes if k in self.param_shapes})
         self._microbatches.append(MicroBatch(captured, ids, sources))
@@ -287,31 +382,37 @@ class InRunRecorder:
         ``rule``: the update rule when ``optimizer`` is a view rather than a torch optimizer (see ``update_terms``).
         """
         self.start()
-        if self.writer is None:
-            if rule is None:
-                warn_if_unknown(optimizer)
-            self._open_store(self._microbatches[0] if self._microbatches else None, rule or rule_name(optimizer))
+        if self._rule is None:  # an unknown optimizer fails here, before anything is written
+            recording = self.order > 0 or self.embeddings is not None
+            self._rule = resolve_rule(optimizer, rule or self.update_rule) if recording else "none (nothing recorded)"
+        if self.writer is None and (self._microbatches or self.embeddings is None):
+            # with embeddings the projection layout comes from a captured batch: an empty first step waits
+            self._open_store_late(self._microbatches[0] if self._microbatches else None)
         step, microbatches = self.next_step, self._microbatches
+        empty, self._empty_microbatches = self._empty_microbatches, 0
         self._microbatches = []
         self.next_step += 1
         grads = grads if grads is not None else self._param_grads()
         lr = float(optimizer.param_groups[0]["lr"])
         reason = self._skip_reason or self._non_finite(grads)
         self._skip_reason = None
-        if self.order == 0 and self.projector is None:
+        if self.order == 0 and self.embeddings is None:
             return  # shapley=None without embeddings: nothing to record
+        nothing = "an empty batch (0 samples)" if empty and not microbatches else "no attributed micro-batches"
         if not self._on_every_rank(reason is None and bool(microbatches)):  # split validation: all ranks or none
             reason = reason or ("another rank could not value this step (the validation set is split across ranks)"
-                                if microbatches else "no attributed micro-batches")
+                                if microbatches else nothing)
         if reason is not None or not microbatches:
-            self._record_skipped(step, lr, reason or "no attributed micro-batches")
+            self._record_skipped(step, lr, reason or nothing)
             return
         if self.clip_norm is not None:
             coefficient = clip_coefficient(self._total_norm(grads), self.clip_norm)
             grads = {name: g * coefficient for name, g in grads.items()}
             for mb in microbatches:
                 mb.captured = mb.captured.scaled(coefficient)
-        terms = update_terms(optimizer, self.params, grads, rule=rule)
+        # embeddings only: the update scale of the projected parameters, on the steps that are projected
+        needed = grads if self.order > 0 else self._projected_grads(grads, step)
+        terms = {} if not needed else update_terms(optimizer, self.params, needed, rule=self._rule)
         if self.order > 0:
             values = value_step(
                 microbatches, terms, grads, self.validation, self.params,
@@ -334,10 +435,21 @@ class InRunRecorder:
         validation = getattr(self, "validation", None)
         return validation.on_every_rank(flag) if validation is not None else flag
 
+    def _projected_grads(self, grads: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """The gradients the embeddings need this step: the projected parameters' on recorded steps, else none."""
+        if self.projector is None or step % self.embeddings.every != 0:
+            return {}
+        return {block.name: grads[block.name] for block in self.projector.layout if block.name in grads}
+
+    def _validation_loss(self) -> float:
+        """The validation loss at the current parameters; NaN without validation data."""
+        return self.validation.loss() if self.validation is not None else math.nan
+
     def _unvalued(self, microbatches: list[MicroBatch]) -> StepValues:
-        """A step with projections only (``shapley=None``): no values, still the validation loss for the row."""
+        """A step with projections only (``shapley=None``): no values; the validation loss for the row when
+        validation data were given (no validation pass at all without)."""
         ids, sources = sample_ids_of(microbatches), sources_of(microbatches)
-        val_loss = self.validation.loss()
+        val_loss = self._validation_loss()
         nan = np.full(ids.size, np.nan)
         return StepValues(ids, sources, nan, None, nan, val_loss, val_loss, math.nan)
 
@@ -380,11 +492,22 @@ class InRunRecorder:
     def _record_skipped(self, step: int, lr: float, reason: str) -> None:
         warnings.warn(f"inrun: step {step} not valued ({reason}); training goes on", stacklevel=3)
         try:
-            val_loss = self.validation.loss()
+            val_loss = self._validation_loss()
         except Exception:  # noqa: BLE001 -- a broken validation pass must not stop training either
             val_loss = math.nan
         self._complete_pending(val_loss)
+        if self.writer is None:  # the store opens at the first step with samples (the projection layout)
+            self._early_skips.append((step, lr, val_loss))
+            return
         self._write({"step": step, "lr": lr, "val_loss": val_loss, "skipped": 1}, {"sample_id": np.zeros(0, np.int64)})
+
+    def _open_store_late(self, first: MicroBatch | None) -> None:
+        """Open the store that empty first steps held back, and write their skipped rows first."""
+        self._open_store(first, self._rule or "unknown")
+        early, self._early_skips = self._early_skips, []
+        for step, lr, val_loss in early:
+            self._write({"step": step, "lr": lr, "val_loss": val_loss, "skipped": 1},
+                        {"sample_id": np.zeros(0, np.int64)})
 
     def _complete_pending(self, val_loss_after: float) -> None:
         """Write the pending step now that the validation loss after it is known."""
@@ -451,11 +574,13 @@ class InRunRecorder:
 
     def close(self, final: bool = True) -> None:
         """Write the last step (with the final validation loss when ``final``), commit and close the store."""
+        if self.writer is None and self._early_skips:
+            self._open_store_late(None)  # every step was empty: the skipped rows, without a projection layout
         if self.writer is None:
             return
         try:
             if self.pending is not None and final:
-                self._complete_pending(self.validation.loss())
+                self._complete_pending(self._validation_loss())
             if final and self.checkpoint_every and self.save_checkpoint(self.next_step):
                 self.writer.write_static("checkpoints", attrs={"final_step": self.next_step})
         finally:

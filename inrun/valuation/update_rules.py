@@ -12,17 +12,22 @@ gradient ``G = sum_i c_i`` (``param.grad``).
 * Adam / AdamW (fixed-state approximation, arXiv 2602.00329): the second moment of step t is computed from the full
   batch, ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2``, and held fixed, so
   ``D = lr (1 - beta1) / (1 - beta1^t) / (sqrt(v_t / (1 - beta2^t)) + eps)``.
-* any other optimizer: the SGD rule with the group's learning rate, with a warning; the store records it as such.
+* RMSprop (momentum, centered, weight decay) and Adagrad (lr decay, weight decay): the same fixed-state rule, the
+  squared-gradient average of step t computed from the full batch and held fixed.
+* any other optimizer (or a subclass of one of these, whose ``step`` may differ) is refused with
+  :class:`~inrun.errors.UnsupportedOptimizerError`: values under a wrong rule would be silently wrong. A user whose
+  optimizer updates like one of these names the rule (``update_rule="sgd"``, ...).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from inrun.errors import InvalidArgumentError, UnsupportedOptimizerError
 
 
 @dataclass
@@ -33,17 +38,76 @@ class UpdateTerms:
     delta0: Tensor | None
 
 
+#: the update rules inrun knows, and what each covers
+SUPPORTED_RULES = {
+    "sgd": "torch.optim.SGD: plain, momentum, dampening, Nesterov, weight decay (exact)",
+    "adam": "torch.optim.Adam (L2 weight decay, amsgrad), DeepSpeed FusedAdam/CPUAdam with adam_w_mode=False "
+            "(fixed-state)",
+    "adamw": "torch.optim.AdamW, Adam(decoupled_weight_decay=True), FusedAdam/CPUAdam with adam_w_mode=True "
+             "(fixed-state)",
+    "rmsprop": "torch.optim.RMSprop: momentum, centered, weight decay (fixed-state)",
+    "adagrad": "torch.optim.Adagrad: lr decay, weight decay, initial accumulator (fixed-state)",
+}
+
+_RULE_OF_CLASS = {
+    torch.optim.SGD: "sgd",
+    torch.optim.AdamW: "adamw",
+    torch.optim.RMSprop: "rmsprop",
+    torch.optim.Adagrad: "adagrad",
+}
+
+UNSUPPORTED_PREFIX = "unsupported:"
+
+
 def rule_name(optimizer: torch.optim.Optimizer) -> str:
-    """``"sgd"``, ``"adam"``, ``"adamw"`` or ``"sgd-fallback:<Class>"`` for an optimizer inrun does not know."""
-    if isinstance(optimizer, torch.optim.AdamW):
-        return "adamw"
-    if isinstance(optimizer, torch.optim.Adam):
+    """The update rule of ``optimizer`` (a key of :data:`SUPPORTED_RULES`), or ``"unsupported:<Class>"``.
+
+    Looked up by exact class: a subclass may override ``step`` and is not assumed to update like its parent.
+    """
+    cls = type(optimizer)
+    if cls is torch.optim.Adam:
         return "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd"
+    if cls in _RULE_OF_CLASS:
+        return _RULE_OF_CLASS[cls]
     if hasattr(optimizer, "adam_w_mode"):  # DeepSpeed's FusedAdam and DeepSpeedCPUAdam
         return "adamw" if optimizer.adam_w_mode else "adam"
-    return f"sgd-fallback:{type(optimizer).__name__}"
+    return f"{UNSUPPORTED_PREFIX}{cls.__name__}"
+
+
+def check_rule_name(update_rule: str | None, argument: str = "update_rule") -> str | None:
+    """``update_rule`` itself when it is None or a supported rule; otherwise a clear error."""
+    if update_rule is None or (isinstance(update_rule, str) and update_rule in SUPPORTED_RULES):
+        return update_rule
+    raise InvalidArgumentError(
+        f"{argument}={update_rule!r} is not an update rule inrun knows; use one of "
+        + ", ".join(repr(rule) for rule in SUPPORTED_RULES) + " (or None: read it from the optimizer)"
+    )
+
+
+def resolve_rule(optimizer: torch.optim.Optimizer, update_rule: str | None = None) -> str:
+    """The rule to value ``optimizer``'s steps with: ``update_rule`` when the user named one, else the optimizer's
+    own; an optimizer inrun does not know, or an option that changes the update (``maximize``), is an error."""
+    for group in getattr(optimizer, "param_groups", []):
+        if group.get("maximize"):
+            raise UnsupportedOptimizerError(
+                f"{type(optimizer).__name__}(maximize=True) ascends the loss; inrun values descent steps only: "
+                "minimise the negated objective instead"
+            )
+    if check_rule_name(update_rule) is not None:
+        return update_rule  # type: ignore[return-value]
+    rule = rule_name(optimizer)
+    if rule.startswith(UNSUPPORTED_PREFIX):
+        cls = type(optimizer)
+        parent = next((base.__name__ for base in cls.__mro__[1:] if base in _RULE_OF_CLASS or base is torch.optim.Adam),
+                      None)
+        why = (f"it subclasses {parent}, and a subclass may change the step" if parent is not None
+               else "values computed with another optimizer's rule would be wrong")
+        raise UnsupportedOptimizerError(
+            f"inrun has no update rule for {cls.__module__}.{cls.__name__} ({why}). Supported: "
+            + "; ".join(f"'{name}' = {what}" for name, what in SUPPORTED_RULES.items())
+            + ". If this optimizer updates exactly like one of them, name it: update_rule='sgd' (or 'adam', ...)"
+        )
+    return rule
 
 
 def _step_count(state: dict) -> int:
@@ -104,12 +168,10 @@ def update_terms(
     parameter, full tensors): an engine that partitions its optimizer (DeepSpeed ZeRO) passes a view with gathered
     state and names the ``rule`` ("sgd", "adam" or "adamw") itself.
     """
-    rule = rule or rule_name(optimizer)
+    rule = resolve_rule(optimizer, rule)
     names = {id(p): name for name, p in params.items()}
     found: dict[str, UpdateTerms] = {}
     for group in optimizer.param_groups:
-        if group.get("maximize"):
-            raise NotImplementedError("inrun does not support maximize=True optimizers")
         for param in group["params"]:
             name = names.get(id(param))
             if name is None or name not in grads:
@@ -121,19 +183,43 @@ def update_terms(
                     found[name] = _adam_terms(param, grad, state, group, decoupled=rule == "adamw")
                 elif rule == "sgd":
                     found[name] = _sgd_terms(param, grad, state, group)
+                elif rule == "rmsprop":
+                    found[name] = _rmsprop_terms(param, grad, state, group)
                 else:
-                    found[name] = UpdateTerms(group["lr"], None)
+                    found[name] = _adagrad_terms(param, grad, state, group)
     return found
 
 
-def warn_if_unknown(optimizer: torch.optim.Optimizer) -> None:
-    rule = rule_name(optimizer)
-    if rule.startswith("sgd-fallback"):
-        warnings.warn(
-            f"inrun does not know the update rule of {type(optimizer).__name__}; values use the plain SGD rule "
-            "(u_i = -lr c_i) and the store records update_rule='" + rule + "'",
-            stacklevel=3,
-        )
+def _rmsprop_terms(param: Tensor, grad: Tensor, state: dict, group: dict) -> UpdateTerms:
+    """RMSprop with its square average (and centred mean) of step t from the full batch, held fixed:
+    ``D = lr / (sqrt(v_t [- m_t^2]) + eps)``; momentum carries ``-lr momentum buf`` and weight decay ``-D wd theta``."""
+    lr, alpha, eps, wd = group["lr"], group["alpha"], group["eps"], group.get("weight_decay", 0.0)
+    momentum = group.get("momentum", 0.0)
+    full = grad + wd * param if wd else grad
+    square = alpha * state.get("square_avg", torch.zeros_like(param)) + (1 - alpha) * full * full
+    if group.get("centered"):
+        mean = alpha * state.get("grad_avg", torch.zeros_like(param)) + (1 - alpha) * full
+        square = square - mean * mean
+    inverse = 1.0 / (square.sqrt() + eps)
+    scale = lr * inverse
+    delta0 = -scale * wd * param if wd else None
+    if momentum:
+        carried = -lr * momentum * state.get("momentum_buffer", torch.zeros_like(param))
+        delta0 = carried if delta0 is None else delta0 + carried
+    return UpdateTerms(scale, delta0)
+
+
+def _adagrad_terms(param: Tensor, grad: Tensor, state: dict, group: dict) -> UpdateTerms:
+    """Adagrad with its sum of squares of step t from the full batch, held fixed:
+    ``D = lr_t / (sqrt(s_{t-1} + g_t^2) + eps)`` with ``lr_t = lr / (1 + (t - 1) lr_decay)``; weight decay ``-D wd theta``."""
+    lr, eps, wd, decay = group["lr"], group["eps"], group.get("weight_decay", 0.0), group.get("lr_decay", 0.0)
+    step = _step_count(state) + 1
+    full = grad + wd * param if wd else grad
+    previous = state.get("sum")
+    if previous is None:
+        previous = torch.full_like(param, float(group.get("initial_accumulator_value", 0.0)))
+    scale = lr / (1 + (step - 1) * decay) / ((previous + full * full).sqrt() + eps)
+    return UpdateTerms(scale, -scale * wd * param if wd else None)
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

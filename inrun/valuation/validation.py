@@ -7,6 +7,7 @@ so ``param.grad`` is never touched, and with capture paused unless per-point gra
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from inrun.engine.capture import GradientCapture
 from inrun.engine.captured import LossFn
 from inrun.engine.products import capture_batch, per_sample_losses
-from inrun.errors import BatchMismatchError
+from inrun.errors import BatchMismatchError, InvalidArgumentError
 from inrun.valuation.rank_share import RankShare
 
 
@@ -63,9 +64,7 @@ class ValidationSet:
     """Validation batches, kept on the model's device, with the loss function that scores them per sample."""
 
     def __init__(self, data: Any, loss_fn: LossFn, model: nn.Module, capture: GradientCapture):
-        self.batches = list(_as_batches(data))
-        if not self.batches:
-            raise BatchMismatchError("the validation data is empty: pass a batch or a loader with at least one batch")
+        self.batches = list(validation_batches(data))
         self.loss_fn = loss_fn
         self.model = model
         self.capture = capture
@@ -197,10 +196,67 @@ class ValidationSet:
             self.capture.enabled = enabled
 
 
+class ValidationBatches(list):
+    """Validation data split into batches and checked (:func:`validation_batches`); passed on as it is."""
+
+
 def _as_batches(data: Any) -> Iterable[Any]:
     """A single batch (tensor, tuple or dict) or an iterable of batches (a DataLoader, a list of batches)."""
+    if isinstance(data, ValidationBatches):
+        return data
     if isinstance(data, (Tensor, dict, tuple)):
         return [data]
     if isinstance(data, list) and data and isinstance(data[0], Tensor):  # a batch given as [inputs, targets]
         return [data]
     return data
+
+
+def _tensors(batch: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """``(where, tensor)`` for every tensor of a (nested) batch."""
+    if isinstance(batch, Tensor):
+        yield prefix or "the batch", batch
+    elif isinstance(batch, dict):
+        for key, value in batch.items():
+            yield from _tensors(value, f"{prefix}[{key!r}]")
+    elif isinstance(batch, (tuple, list)):
+        for position, value in enumerate(batch):
+            yield from _tensors(value, f"{prefix}[{position}]")
+
+
+def validation_batches(data: Any) -> ValidationBatches:
+    """``val_data`` as a list of batches, refused clearly (:class:`~inrun.errors.InvalidArgumentError`, naming
+    ``val_data``) when it is not batches, holds none, has a batch with zero rows, holds NaN or infinity, or lives on
+    the 'meta' device (no values). A loader is iterated once here: its batches are kept."""
+    if isinstance(data, ValidationBatches):
+        return data
+    if data is None or isinstance(data, (str, bytes, numbers.Number)) or not (
+            isinstance(data, (Tensor, dict, tuple, list)) or hasattr(data, "__iter__")):
+        raise InvalidArgumentError(
+            f"val_data must be a validation batch (a tensor, tuple or dict of tensors), a list of batches or a "
+            f"loader, got {type(data).__name__} {repr(data)[:40]}"
+        )
+    batches = ValidationBatches(_as_batches(data))
+    if not batches:
+        raise InvalidArgumentError("val_data is empty: pass a batch, or a loader / list with at least one batch")
+    for k, batch in enumerate(batches):
+        found = list(_tensors(batch))
+        name = "val_data" if len(batches) == 1 else f"val_data batch {k}"
+        for where, tensor in found:
+            if tensor.device.type == "meta":
+                raise InvalidArgumentError(
+                    f"{name}: {where} is on the 'meta' device (a shape without values); create the validation data "
+                    "with values, on any real device (it is moved to the model's device)"
+                )
+        sized = [tensor for _, tensor in found if tensor.dim() > 0]
+        if sized and all(tensor.shape[0] == 0 for tensor in sized):
+            raise InvalidArgumentError(
+                f"{name} has 0 rows (no validation points); the validation utility is a mean over points: give at "
+                "least one"
+            )
+        for where, tensor in found:
+            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgumentError(
+                    f"{name}: {where} holds NaN or infinity; the validation data must be finite (clean or drop "
+                    "those validation points)"
+                )
+    return batches
