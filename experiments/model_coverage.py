@@ -52,6 +52,11 @@ def first_sentence(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def first_clause(text: str) -> str:
+    """The part of a reason before its explanation (``"the gradients do not add up: ..."`` -> the first half)."""
+    return first_sentence(str(text).split(": ")[0], 100)
+
+
 def check_case(case: Any) -> dict[str, Any]:
     """Run ``inrun.check_model`` on one zoo case; the row of the coverage table."""
     model, loss_fn, train, _ = case.build()
@@ -68,13 +73,17 @@ def check_case(case: Any) -> dict[str, Any]:
         counts = {route: sum(1 for r in check.rows if r.route == route) for route in ROUTES}
         errors = [float(r.max_rel_error) for r in check.rows
                   if r.max_rel_error is not None and math.isfinite(float(r.max_rel_error))]
-        reasons = [f"{r.parameter}: {first_sentence(r.reason)}" for r in check.rows if not r.exact and r.reason]
-        if getattr(check, "error", None):
-            reasons.insert(0, first_sentence(check.error))
+        reasons = []
         if check.mixing:
-            reasons.insert(0, f"samples mixed: {first_sentence(check.mixing)}")
+            reasons.append(f"samples mixed: {first_sentence(check.mixing, 100)}")
+        if getattr(check, "error", None):
+            reasons.append(first_sentence(check.error, 100))
+        inexact = [r for r in check.rows if r.route != "refused" and not r.exact]
+        if inexact:
+            more = f" (and {len(inexact) - 1} more)" if len(inexact) > 1 else ""
+            reasons.append(f"`{inexact[0].parameter}`{more}: {first_clause(inexact[0].reason)}")
         row.update(verdict="exact" if check.ok else "refused", routes=counts,
-                   max_rel_error=max(errors) if errors else None, reason="; ".join(reasons[:2]))
+                   max_rel_error=max(errors) if errors else None, reason=reasons[0] if reasons else "")
     row["seconds"] = time.perf_counter() - start
     return row
 
