@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from inrun.engine.factors import Factor, FlatFactor, concat_factors, zero_factor
 from inrun.engine.layers import handler_for, supported_layer_names
-from inrun.engine.layers.fallback import FALLBACK, is_fallback
+from inrun.engine.layers.fallback import FALLBACK, FallbackHandler, is_fallback
 from inrun.engine.layers.registry import LayerHandler
 from inrun.errors import BatchMismatchError, NonFiniteGradientError, UnsupportedLayerError
 
@@ -185,6 +185,9 @@ class GradientCapture:
         self._outputs: list[tuple[Tensor, int]] = []
         self._calls: list[LayerCall] = []
         self._handles: list = []
+        #: modules found (by :meth:`adopt_probe`) to be called with ids shared by the whole batch: their output is
+        #: expanded to the batch even when the ids' length equals the batch size
+        self.shared: set[str] = set()
 
     @property
     def batch_size(self) -> int | None:
@@ -252,7 +255,7 @@ class GradientCapture:
                 inputs = inputs.expand(expand_to, *inputs.shape[1:])
                 output = output.expand(expand_to, *output.shape[1:])
             elif (expand_to is not None and expand_to > 1 and inputs.dim() == 1 and not inputs.is_floating_point()
-                  and inputs.shape[0] != expand_to):
+                  and (inputs.shape[0] != expand_to or entry.name in self.shared)):
                 # ids without a batch dimension (nanoGPT's ``wpe(torch.arange(t))``) broadcast over the batch
                 # (t == n cannot be told apart from a per-sample lookup by shape; the per-sample check catches it)
                 broadcast = True
@@ -320,6 +323,64 @@ class GradientCapture:
             return tree_unflatten(flat, spec) if replaced else None
 
         return pre_hook, hook
+
+    # -- what a probe with another batch size showed ------------------------------------------------------------
+    def adopt_probe(self, leading: dict[str, tuple[int, int, bool] | None]) -> list[str]:
+        """Use the first-input shapes seen in a forward of a batch of ONE sample to tell shared calls apart.
+
+        ``leading``: module name -> (leading size, number of dimensions, floating point) of its first input tensor
+        in that forward. A hooked module whose input does not follow the batch size (its leading size is not 1 for a
+        batch of 1) is computed once for the whole batch: 1-D ids (nanoGPT's ``wpe(torch.arange(t))``) are expanded
+        to the batch even when ``t`` equals the batch size; any other such module (T5's relative attention bias,
+        ids ``[q, k]``) has its parameters attributed by the fallback at its nearest ancestor whose input follows the
+        batch, where every sample's gradient is its own. Returns the rerouted modules' names.
+        """
+        moved = []
+        for entry in list(self.hooked):
+            seen = leading.get(entry.name)
+            if entry.route == "fallback" or seen is None or seen[0] == 1:
+                continue
+            size, dims, floating = seen
+            if dims == 1 and not floating:
+                self.shared.add(entry.name)
+                continue
+            ancestor = self._ancestor_following_batch(entry.name, leading)
+            if ancestor is not None:
+                self._reroute(entry, ancestor)
+                moved.append(entry.name)
+        return moved
+
+    def _ancestor_following_batch(self, name: str, leading: dict) -> str | None:
+        parts = name.split(".") if name else []
+        for cut in range(len(parts) - 1, -1, -1):
+            candidate = ".".join(parts[:cut])
+            seen = leading.get(candidate)
+            hooked = next((e for e in self.hooked if e.name == candidate), None)
+            if seen is not None and seen[0] == 1 and (hooked is None or hooked.route == "fallback"):
+                return candidate
+        return None
+
+    def _reroute(self, entry: HookedModule, ancestor_name: str) -> None:
+        attached = bool(self._handles)
+        if attached:
+            self.detach()
+        prefix = entry.name[len(ancestor_name) + 1:] if ancestor_name else entry.name
+        moved = {f"{prefix}.{local}": name for local, name in entry.parameters.items()}
+        self.hooked.remove(entry)
+        existing = next((e for e in self.hooked if e.name == ancestor_name), None)
+        if existing is not None:
+            existing.parameters.update(moved)
+            if not existing.handler.unit:
+                existing.handler = FallbackHandler(unit=True)
+        else:
+            ancestor = self.model.get_submodule(ancestor_name)
+            self.hooked.append(HookedModule(ancestor_name, ancestor, FallbackHandler(unit=True), moved))
+        self.coverage.fallback_numel += sum(self.parameters[k].numel() for k in moved.values())
+        self.coverage.fallback.append(f"'{ancestor_name or '<root>'}' ({type(self.model.get_submodule(ancestor_name)).__name__}): "
+                                      f"{', '.join(moved.values())} (called once for the whole batch in "
+                                      f"'{entry.name}')")
+        if attached:
+            self.attach()
 
     # -- results -----------------------------------------------------------------------------------------------
     @property
