@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from inrun.engine.capture import GradientCapture
+from inrun.engine.checks import RecorderChecks
 from inrun.engine.projection import ProjectionSettings, Projector
 from inrun.errors import BatchMismatchError, InRunError, InvalidArgumentError, NonFiniteGradientError
 from inrun.store.paths import checkpoint_folder, checkpoint_path, new_run_id, rank_path
@@ -131,6 +132,8 @@ class InRunRecorder:
         checkpoint_every: int | None = None,
         extra_config: dict | None = None,
         update_rule: str | None = None,
+        check: bool = True,
+        check_every: int | None = None,
     ):
         # every argument is checked here, before any training step and before anything is written
         if not isinstance(model, nn.Module):
@@ -183,6 +186,10 @@ class InRunRecorder:
         #: full parameter shapes by name, for engines that partition the model's own tensors (DeepSpeed ZeRO-3 leaves
         #: them ``[0]``-shaped outside its hooks); an integration sets it, None means ``param.shape``
         self.param_shapes: dict[str, torch.Size] | None = None
+        #: the self-checks (inrun.engine.checks) at the first optimizer step, then every ``check_every`` steps;
+        #: ``check=False`` turns them off (unsafe: a model inrun cannot attribute exactly then gives wrong values)
+        self.checks = RecorderChecks(check, check_every)
+        self._check_loss_fn = loss_fn
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def check_output_path(self, resuming: bool) -> None:
@@ -331,6 +338,8 @@ class InRunRecorder:
         self._current = (ids, sources)
         self.capture.batch_size = ids.shape[0]
         self.capture.discard()
+        if ids.shape[0]:  # an empty micro-batch is dropped at end_microbatch: nothing to check
+            self.checks.on_microbatch(self, batch, self._check_loss_fn)
 
     def end_microbatch(self, grad_scale: float = 1.0) -> None:
         """Collect the per-sample factors of the backward pass just run (``grad_scale``: fp16 loss scale).
@@ -405,6 +414,7 @@ class InRunRecorder:
         if reason is not None or not microbatches:
             self._record_skipped(step, lr, reason or nothing)
             return
+        self.checks.on_step(self, step, [mb.captured for mb in microbatches], grads)
         if self.clip_norm is not None:
             coefficient = clip_coefficient(self._total_norm(grads), self.clip_norm)
             grads = {name: g * coefficient for name, g in grads.items()}
