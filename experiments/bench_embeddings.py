@@ -52,9 +52,11 @@ def make_batches(n_batches: int, batch: int, seq: int, vocab: int, seed: int = 0
 class Trainer:
     """One configuration: its own model (same initialisation), optimizer and optional recorder."""
 
-    def __init__(self, name: str, config: TinyGPTConfig, val: dict, path: Path | None, recorder_args: dict | None):
+    def __init__(self, name: str, config: TinyGPTConfig, val: dict, path: Path | None, recorder_args: dict | None,
+                 device: torch.device = torch.device("cpu"), bf16: bool = False):
         self.name = name
-        self.model = TinyGPT(config, seed=0)
+        self.device, self.bf16 = device, bf16
+        self.model = TinyGPT(config, seed=0).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.recorder = None
         self.path = path
@@ -68,9 +70,11 @@ class Trainer:
     def run(self, batches: list[dict], timed: bool = True) -> None:
         start = time.perf_counter()
         for batch in batches:
+            batch = {key: value.to(self.device) for key, value in batch.items()}
             if self.recorder:
                 self.recorder.begin_microbatch(batch)
-            loss = loss_fn(self.model, batch).mean()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = loss_fn(self.model, batch).mean()
             loss.backward()
             if self.recorder:
                 self.recorder.end_microbatch()
@@ -79,6 +83,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.recorder:
                 self.recorder.note_train_loss(float(loss.detach()))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if timed:
             self.seconds += time.perf_counter() - start
             self.steps += len(batches)
@@ -115,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--val", type=int, default=2, help="validation sequences (the recorder scores them each step)")
     parser.add_argument("--no-shapley", action="store_true")
-    parser.add_argument("--device", default="cpu", help="device of the embedding build")
+    parser.add_argument("--device", default="cpu", help="device of the training loops and of the embedding build")
+    parser.add_argument("--train-dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: the training forward runs under torch.autocast(bfloat16) (the recorder upcasts)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     layers = args.layers or (2 if args.quick else 4)
@@ -134,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     emb = {"k_rows": k, "k_cols": k, "dtype": args.dtype}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        trainers = [Trainer("off", config, val, None, None),
-                    Trainer("embeddings", config, val, tmp / "emb.h5", {"shapley": None, "embeddings": emb})]
+        where = dict(device=torch.device(args.device), bf16=args.train_dtype == "bf16")
+        val = {key: value.to(args.device) for key, value in val.items()}
+        trainers = [Trainer("off", config, val, None, None, **where),
+                    Trainer("embeddings", config, val, tmp / "emb.h5", {"shapley": None, "embeddings": emb}, **where)]
         if not args.no_shapley:
             trainers.append(Trainer("shapley+embeddings", config, val, tmp / "both.h5",
-                                    {"shapley": "first", "embeddings": emb}))
+                                    {"shapley": "first", "embeddings": emb}, **where))
         n_params = sum(p.numel() for p in trainers[0].model.parameters())
         for trainer in trainers:
             trainer.run(batches[: args.warmup], timed=False)
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = total
         print(f"model: TinyGPT {layers} layers, d_model {d_model}, {n_params / 1e6:.2f} M parameters, batch {args.batch} "
               f"x {args.seq} tokens, AdamW; projection {k} x {k} -> D = {dim} ({len(layout)} blocks), stored {stored}; "
-              f"torch {torch.__version__} on {platform.machine()}, {torch.get_num_threads()} threads")
+              f"torch {torch.__version__} on {platform.machine()} ({args.device}, {args.train_dtype}), "
+              f"{torch.get_num_threads()} threads")
         print(f"{'configuration':<22}{'s/step':>9}{'ratio':>8}{'close s/step':>14}{'ratio w/ close':>16}{'MiB/step':>10}")
         for trainer in trainers:
             per_step = trainer.seconds / trainer.steps

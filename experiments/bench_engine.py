@@ -437,6 +437,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-batch", type=int, default=2, help="validation samples")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="parameters (and so activations and gradients) in bf16; exactness is then reported "
+                             "against the naive reference in the same dtype")
     parser.add_argument("--compare-routes", action="store_true", help="also time each route forced, per parameter")
     parser.add_argument("--skip-naive", action="store_true", help="do not run the torch.func reference")
     parser.add_argument("--naive-max-len", type=int, default=None, help="skip the torch.func reference above this T")
@@ -477,10 +480,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = GPTShape(vocab=args.vocab, max_len=max(1024, max(args.seq_lens)), n_layer=args.layers)
-    model = GPT(shape).to(device)
+    model = GPT(shape).to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     lengths = sorted(args.seq_lens)
     print(
-        f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; {args.layers} blocks, "
+        f"device {device} ({torch.get_num_threads()} threads, {args.dtype}), torch {torch.__version__}; "
+        f"{args.layers} blocks, "
         f"vocab {args.vocab}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
         f"train batch {args.batch}, val batch {args.val_batch}; median of {args.repeats}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"

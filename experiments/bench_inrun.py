@@ -76,7 +76,8 @@ def fit_once(args: argparse.Namespace, shape: GPTShape, data: Dataset, val: dict
     if options is not None:
         callbacks.append(InRunCallback(folder / "run.h5", val_data=val, overwrite=True, **options))
     trainer = L.Trainer(
-        max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_steps=args.steps, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if args.dtype == "bf16" else "32-true", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, DataLoader(data, batch_size=args.batch, shuffle=False))
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="SGD-family rules value by ghost dot products with the validation points; Adam's "
                              "elementwise scale needs one weight-gradient-sized product per layer")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives steadier CPU times)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the fits run")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: Lightning's bf16-mixed")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_inrun.json"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = TokenWindows(random_tokens(args.batch * args.steps, args.seq_len, args.vocab, 0, torch.device("cpu")))
     val = {"tokens": random_tokens(max(1, args.batch // 8), args.seq_len, args.vocab, 1, torch.device("cpu")),
            "index": torch.arange(max(1, args.batch // 8))}
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     print(f"GPT-2-shaped model: {args.layers} blocks, d 768, vocab {args.vocab}; batch {args.batch} x {args.seq_len} "
           f"tokens, validation batch {val['tokens'].shape[0]}; {args.optimizer}; {args.steps} optimizer steps per fit; "
           f"{torch.get_num_threads()} threads")
