@@ -324,11 +324,22 @@ class FlattensTheBatch(nn.Module):
 def test_flattening_the_batch_is_a_batch_mismatch():
     model = FlattensTheBatch().double()
     ids = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(16))
-    with pytest.raises(BatchMismatchError, match=re.escape("'mix' saw 15 samples but there are 3 losses")):
-        inrun.grad_dots(model, output_loss, ids, ids)
+    with pytest.raises(BatchMismatchError, match=re.escape("'mix' saw 15 samples but there are 3 losses")) as info:
+        inrun.grad_dots(model, output_loss, ids, ids, check=False)
+    assert "input [15, 4], output [15, 3]" in str(info.value)  # the shapes, not a guess
     with pytest.raises(BatchMismatchError, match="'mix'"):
-        inrun.grad_norms(model, output_loss, ids)
+        inrun.grad_norms(model, output_loss, ids, check=False)
     assert all(not m._forward_hooks for m in model.modules()), "hooks left behind after the error"
+
+
+def test_flattening_the_batch_is_exact_through_the_fallback_with_the_checks():
+    """The checks' one-sample probe sees that 'mix' does not follow the batch and attributes it by the fallback at
+    the nearest module that does (here the whole model): exact, and the cost shows in the coverage report."""
+    model = FlattensTheBatch().double()
+    ids = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(16))
+    val = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(17))
+    got = inrun.grad_dots(model, output_loss, ids, val)
+    assert R.relative_error(got, R.reference_dots(model, output_loss, ids, val)) < 1e-10
 
 
 def test_micro_batches_of_different_sizes_in_one_collect_are_joined_not_merged():
