@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from inrun.store.lock import is_locked
+from inrun.store.paths import find_rank_files
 from inrun.store.reader import Run, open_run
+from inrun.store.schema import StoreError
 
 
 def _orders(run: Run) -> list[int]:
@@ -201,25 +204,55 @@ def export(path: str | Path, csv_path: str | Path | None, npz_path: str | Path |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="inrun", description="Read runs recorded by inrun.")
+    """Run the command line; returns the exit status: 0, 1 on an error (one line on stderr, the traceback with
+    ``--debug``), 2 on a usage error (argparse)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="inrun", description="Read runs recorded by inrun.", parents=[common])
     commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser("report", help="summary and plot of a run")
+    report = commands.add_parser("report", help="summary and plot of a run", parents=[common])
     report.add_argument("run", help="a store (.h5), or the folder/prefix of a multi-rank run")
     report.add_argument("--png", default=None, help="where to write the plot (default: next to the store)")
     report.add_argument("--top", type=int, default=5)
     report.add_argument("--phase-length", type=int, default=None, help="steps per phase (default: a tenth)")
-    exporter = commands.add_parser("export", help="per-sample values as CSV and/or .npz")
+    exporter = commands.add_parser("export", help="per-sample values as CSV and/or .npz", parents=[common])
     exporter.add_argument("run")
     exporter.add_argument("--csv", default=None)
     exporter.add_argument("--npz", default=None)
     args = parser.parse_args(argv)
-    if args.command == "report":
-        write_report(args.run, args.png, args.top, args.phase_length)
-    else:
-        if not (args.csv or args.npz):
-            parser.error("export needs --csv PATH and/or --npz PATH")
-        export(args.run, args.csv, args.npz)
+    if args.command == "export" and not (args.csv or args.npz):
+        exporter.error("export needs --csv PATH and/or --npz PATH")
+    try:
+        _live_note(args.run)
+        if args.command == "report":
+            write_report(args.run, args.png, args.top, args.phase_length)
+        else:
+            export(args.run, args.csv, args.npz)
+    except Exception as err:  # noqa: BLE001 -- one clear line per error; --debug shows where it came from
+        if args.debug:
+            raise
+        print(f"inrun {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        if not isinstance(err, (OSError, ValueError, KeyError, StoreError)):
+            print("(an unexpected error: run again with --debug for the traceback, and please report it)",
+                  file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+    return text or type(err).__name__
+
+
+def _live_note(path: str) -> None:
+    """Say on stderr when the run is still being written (the report then shows the steps committed so far)."""
+    try:
+        live = [p for p in find_rank_files(path) if is_locked(p)]
+    except OSError:
+        return  # open_run reports the missing run
+    if live:
+        print(f"note: {', '.join(map(str, live))} is still being written; showing the steps committed so far",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

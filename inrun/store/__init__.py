@@ -3,6 +3,8 @@
 * :mod:`~inrun.store.schema`: format, schema version, columns, file options, errors;
 * :mod:`~inrun.store.paths`: where a run's files live (rank files, checkpoints, side files);
 * :mod:`~inrun.store.writer`: :class:`RunWriter` and its commit protocol;
+* :mod:`~inrun.store.lock`: one writer per store; :mod:`~inrun.store.durability`: space reserved, write errors
+  caught, data synced before each commit; :mod:`~inrun.store.faults`: named crash/failure points for tests;
 * :mod:`~inrun.store.compression`: :func:`repack`, the atomic rewrite with compression at close;
 * :mod:`~inrun.store.rankfile`: :class:`RankFile`, the read-only view of one rank's file;
 * :mod:`~inrun.store.reader`: :func:`open_run` and :class:`Run`, the user-facing reader over all ranks.
@@ -20,7 +22,9 @@ from inrun.store.schema import (
     DEFAULT_STEP_COLUMNS,
     SCHEMA_VERSION,
     Column,
+    DamagedStoreError,
     IncompatibleStoreError,
+    StoreBusyError,
     StoreError,
     StoreIOError,
 )
@@ -31,11 +35,13 @@ __all__ = [
     "DEFAULT_STEP_COLUMNS",
     "SCHEMA_VERSION",
     "Column",
+    "DamagedStoreError",
     "IncompatibleStoreError",
     "PhaseValues",
     "RankFile",
     "Run",
     "RunWriter",
+    "StoreBusyError",
     "StoreError",
     "StoreIOError",
     "checkpoint_folder",

@@ -11,12 +11,17 @@ import os
 from pathlib import Path
 
 import h5py
+import numpy as np
 
+from inrun.store.durability import SwallowedErrors, fsync_path
+from inrun.store.faults import fault_point
+from inrun.store.lock import StoreLock
 from inrun.store.rankfile import committed_counts
 from inrun.store.schema import (
     CHUNK_ELEMENTS,
     CREATE_OPTIONS,
     LIBVER,
+    READ_OPTIONS,
     RECORDS,
     STEPS,
     check_header,
@@ -31,27 +36,53 @@ COPY_BLOCK_ELEMENTS = 1 << 22  # elements per block when rewriting a table
 REPACK_SUFFIX = ".repack.tmp"
 
 
-def repack(path: str | Path, compression: str | None = "gzip") -> None:
+def repack(path: str | Path, compression: str | None = "gzip", *, holding_lock: bool = False) -> None:
     """Rewrite a closed store with ``compression`` (None: uncompressed), keeping only committed rows.
 
-    Writes ``<path>.repack.tmp``, syncs it to disk, then renames it over ``path``: a crash at any moment leaves
-    either the old file or the new one. Also useful to compress the file of a run that crashed.
+    Writes ``<path>.repack.tmp``, syncs it, reads it back and compares every committed row with the store, then
+    renames it over ``path``: a crash or a write error at any moment leaves either the old file or the new,
+    complete one. Also useful to compress the file of a run that crashed. Takes the store's writer lock (refused
+    while a run writes it) unless the caller, the writer itself, holds it.
     """
     path = Path(path)
     compression_options(compression)  # validate
+    lock = None if holding_lock else StoreLock(path)
     tmp = path.with_name(path.name + REPACK_SUFFIX)
     try:
-        with h5py.File(path, "r") as src:
-            check_header(src.attrs, path)
-            file_options = {"libver": LIBVER} if compression else CREATE_OPTIONS
-            with h5py.File(tmp, "w", **file_options) as dst:
-                _copy_store(src, dst, path, compression)
-        _fsync(tmp)
+        with SwallowedErrors() as swallowed:
+            with h5py.File(path, "r", **READ_OPTIONS) as src:
+                check_header(src.attrs, path)
+                file_options = {"libver": LIBVER} if compression else CREATE_OPTIONS
+                with h5py.File(tmp, "w", **file_options) as dst:
+                    _copy_store(src, dst, path, compression)
+                swallowed.check()
+                fsync_path(tmp)
+                with h5py.File(tmp, "r", **READ_OPTIONS) as dst:
+                    _check_copy(src, dst, path)
+            swallowed.check()
+        fault_point("compress")
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_copy(src: h5py.File, dst: h5py.File, path: Path) -> None:
+    """Raise unless ``dst`` holds exactly the committed rows of ``src`` (bytewise, so NaNs compare equal)."""
+    counts = committed_counts(src, path)
+    if committed_counts(dst, path) != counts:
+        raise OSError(f"the compressed copy of {path} does not hold its {counts[0]} committed steps")
+    for table, n in zip((STEPS, RECORDS), counts):
+        for name, ds in src[table].items():
+            step = max(1, COPY_BLOCK_ELEMENTS // max(1, math.prod(ds.shape[1:])))
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                if not np.array_equal(ds[start:stop].view(np.uint8), dst[table][name][start:stop].view(np.uint8)):
+                    raise OSError(f"the compressed copy of {path} differs in {table}/{name} rows {start}:{stop}")
 
 
 def _copy_store(src: h5py.File, dst: h5py.File, path: Path, compression: str | None) -> None:
@@ -96,14 +127,12 @@ def _copy_static(obj: h5py.Group | h5py.Dataset, dst_parent: h5py.Group, compres
         obj.file.copy(obj, dst_parent, name=name)
 
 
+def stale_repack(path: str | Path) -> bool:
+    """Whether a compression of the store at ``path`` was interrupted (its temporary file is left)."""
+    path = Path(path)
+    return path.with_name(path.name + REPACK_SUFFIX).exists()
+
+
 def remove_stale_repack(path: Path) -> None:
     """Drop the temporary file of a repack that was interrupted (the store itself is intact)."""
     path.with_name(path.name + REPACK_SUFFIX).unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

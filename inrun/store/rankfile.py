@@ -1,18 +1,38 @@
 """``RankFile``: the low-level read-only view of one rank's store (header and the committed rows of both tables).
 
 :mod:`inrun.store.reader` builds the user-facing ``Run`` on it; the writer uses it to check a store before resuming.
+
+Reading a live store (one a writer still holds, :func:`inrun.store.lock.is_locked`): files are opened without
+HDF5's file lock, and a ``RankFile`` is a snapshot of the steps committed when it was opened. The writer never
+changes committed rows, but it does extend HDF5's chunk index and object headers, which a long-open handle would
+hold stale copies of; so for a live store every read opens the file afresh, and an open that meets a half-written
+index is retried. Open the run again to see newer steps.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from inrun.store.schema import RECORDS, STEPS, Column, StoreError, check_header, open_error, table_columns
+from inrun.store.lock import is_locked
+from inrun.store.schema import (
+    READ_OPTIONS,
+    RECORDS,
+    STEPS,
+    Column,
+    StoreError,
+    check_header,
+    damaged_error,
+    open_error,
+    table_columns,
+)
+
+LIVE_OPEN_ATTEMPTS = 5  # a live store's open is retried this often (20-100 ms apart) if it meets a half-written index
 
 
 def committed_counts(file: h5py.File, path: Path) -> tuple[int, int]:
@@ -35,22 +55,16 @@ def committed_counts(file: h5py.File, path: Path) -> tuple[int, int]:
 
 
 class RankFile:
-    """Read-only view of one rank's store: header attributes and the committed part of both tables."""
+    """Read-only view of one rank's store: header attributes and the committed part of both tables.
 
-    def __init__(self, path: str | Path):
+    ``live``: whether a writer still holds the store (None: find out). A live store is read as a snapshot of the
+    steps committed at open, each read on a fresh handle (module docstring).
+    """
+
+    def __init__(self, path: str | Path, live: bool | None = None):
         self.path = Path(path)
-        try:
-            self.file = h5py.File(self.path, "r")
-        except OSError as err:
-            if not self.path.exists():
-                raise FileNotFoundError(f"run store {self.path} does not exist") from err
-            raise open_error(self.path, err, "r") from err
-        try:
-            check_header(self.file.attrs, self.path)
-            self.committed_steps, self.committed_rows = committed_counts(self.file, self.path)
-        except BaseException:
-            self.file.close()
-            raise
+        self.live = is_locked(self.path) if live is None else live
+        self.file = self._open_retrying(LIVE_OPEN_ATTEMPTS if self.live else 1)
         attrs = self.file.attrs
         self.run_id = str(attrs["run_id"])
         self.rank = int(attrs["rank"])
@@ -58,6 +72,52 @@ class RankFile:
         self.schema_version = int(attrs["schema_version"])
         self.inrun_version = str(attrs.get("inrun_version", "unknown"))
         self.created = str(attrs.get("created", ""))
+
+    def _open_retrying(self, attempts: int) -> h5py.File:
+        for attempt in range(attempts):
+            try:
+                return self._open()
+            except StoreError:
+                if attempt == attempts - 1 or not self.path.exists():
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _open(self) -> h5py.File:
+        """Open the file and read its header and committed counts; a damaged file raises ``DamagedStoreError``."""
+        try:
+            file = h5py.File(self.path, "r", **READ_OPTIONS)
+        except OSError as err:
+            if not self.path.exists():
+                raise FileNotFoundError(f"run store {self.path} does not exist") from err
+            raise open_error(self.path, err, "r") from err
+        try:
+            check_header(file.attrs, self.path)
+            counts = committed_counts(file, self.path)
+            if not hasattr(self, "committed_steps"):
+                self.committed_steps, self.committed_rows = counts
+            elif str(file.attrs["run_id"]) != self.run_id:
+                raise StoreError(f"run store {self.path} was replaced by another run while being read; open it again")
+            elif counts[0] < self.committed_steps:
+                raise StoreError(f"run store {self.path} was cut back (a resume from an older checkpoint) while "
+                                 "being read; open it again")
+        except StoreError:
+            file.close()
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:  # HDF5 or layout trouble
+            file.close()
+            raise damaged_error(self.path, err) from err
+        except BaseException:
+            file.close()
+            raise
+        return file
+
+    def _fresh(self) -> h5py.File:
+        """The handle to read from: for a live store a newly opened one (stale index copies dropped)."""
+        if self.live:
+            self.file.close()
+            self.file = self._open_retrying(LIVE_OPEN_ATTEMPTS)
+        return self.file
 
     @property
     def config(self) -> dict[str, Any]:
@@ -77,19 +137,19 @@ class RankFile:
 
     def step_column(self, name: str) -> np.ndarray:
         """Column ``name`` of the committed steps."""
-        return _column(self.file[STEPS], name, 0, self.committed_steps, self.path)
+        return _column(self._fresh()[STEPS], name, 0, self.committed_steps, self.path)
 
     def record_column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` (default: all committed) of record column ``name``."""
         stop = self.committed_rows if stop is None else min(stop, self.committed_rows)
-        return _column(self.file[RECORDS], name, start, stop, self.path)
+        return _column(self._fresh()[RECORDS], name, start, stop, self.path)
 
     def has_static(self, path: str) -> bool:
         return path.strip("/") in self.file
 
     def static(self, path: str) -> np.ndarray:
         """A static array written with ``RunWriter.write_static`` (strings come back as a str array)."""
-        ds = self.file[path.strip("/")]
+        ds = self._fresh()[path.strip("/")]
         if h5py.check_string_dtype(ds.dtype) is not None:
             return np.asarray(ds.asstr()[()], dtype=str)
         return ds[()]

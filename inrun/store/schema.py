@@ -9,6 +9,7 @@ change it only together with ``SCHEMA_VERSION`` and that page. Nothing here writ
 
 from __future__ import annotations
 
+import errno
 import math
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -41,6 +42,12 @@ STEPS, RECORDS = "steps", "records"
 
 
 OPEN_OPTIONS = {"libver": LIBVER, "rdcc_nbytes": CHUNK_CACHE_BYTES}
+
+
+# Readers take no HDF5 file lock: a live store's writer holds one, and readers only read committed rows, which the
+# writer never changes (see docs/store-schema.md, "Reading a live run"). One writer per store is ensured by
+# inrun.store.lock instead.
+READ_OPTIONS = {"locking": False}
 
 
 # The live file: no free-space reuse (a file creation setting, kept by the file), so bytes that the last flush
@@ -98,6 +105,14 @@ class StoreIOError(StoreError, OSError):
 
 class IncompatibleStoreError(StoreError, ValueError):
     """The file is not an inrun run store this code can use (format, schema, run id or columns differ)."""
+
+
+class StoreBusyError(StoreIOError):
+    """Another writer holds the store (one writer per store); nothing was changed."""
+
+
+class DamagedStoreError(StoreIOError):
+    """The file is damaged or not a complete run store (cut short, killed while being created, not HDF5)."""
 
 
 def as_column(spec: Column | tuple) -> Column:
@@ -188,10 +203,30 @@ def check_header(attrs: h5py.AttributeManager, path: Path) -> None:
         raise IncompatibleStoreError(f"{path} has no valid schema_version attribute ({version})")
 
 
-def open_error(path: Path, err: OSError, mode: str) -> StoreIOError:
-    hint = ""
-    if "lock" in str(err).lower() or "already open" in str(err).lower():
-        hint = (" The file is open elsewhere (a training process still writing it, or a reader/writer in this"
-                " process): close that first.")
+def open_error(path: Path, err: BaseException, mode: str) -> StoreIOError:
+    """The error to raise when HDF5 cannot open ``path``: the file system's refusal, a file held open with HDF5's
+    own lock, or (anything else on an existing file) a damaged or incomplete store.
+
+    HDF5's text for a damaged superblock contains "sblock": only the exact "unable to lock file" means a lock.
+    """
     what = "read" if mode == "r" else "write"
-    return StoreIOError(f"cannot open run store {path} to {what}: {err}.{hint}")
+    text = str(err).lower()
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
+        return StoreIOError(f"cannot open run store {path} to {what}: {err}")
+    if "unable to lock file" in text:
+        return StoreIOError(
+            f"cannot open run store {path} to {what}: {err}. Another program holds it open with HDF5 file locking "
+            "(an h5py.File opened without locking=False, or HDFView): close that first."
+        )
+    if not path.exists():
+        return StoreIOError(f"cannot open run store {path} to {what}: {err}")
+    return damaged_error(path, err)
+
+
+def damaged_error(path: Path, err: BaseException) -> DamagedStoreError:
+    size = path.stat().st_size if path.exists() else 0
+    return DamagedStoreError(
+        f"{path} is damaged or not a complete run store ({size} bytes; HDF5 says: {str(err).splitlines()[0]}). "
+        "A store is only ever replaced whole, so this file was cut short or damaged outside inrun, or is not a "
+        "store at all. Delete it (or restore it from a copy) and start the run again."
+    )

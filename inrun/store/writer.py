@@ -1,7 +1,13 @@
 """``RunWriter``: appends one rank's steps and records under a commit protocol that survives ``kill -9``.
 
-Rows are buffered in memory and committed in blocks: records, then steps, flush, then the committed counts, flush
-again, so the counts only ever cover whole steps that are on disk.
+Rows are buffered in memory and committed in blocks: space is reserved, records and steps written, the file flushed
+and synced, and only then the committed counts written and synced, so the counts only ever cover whole steps that
+are on disk. A write error at any point stops the writer *before* the counts are written (see
+:mod:`inrun.store.durability` for how errors that h5py would swallow are caught).
+
+One writer per store: the writer takes the store's lock (:mod:`inrun.store.lock`) before it touches anything. A new
+store is written under a temporary name and renamed into place, so a crash during creation leaves no store (or the
+old one, with ``overwrite=True``), and a reader that has the old file open keeps reading it whole.
 
 Why the live file is uncompressed: HDF5 stores a compressed chunk at a new place each time it is rewritten and
 frees the old place, which it may reuse at once. A partly filled chunk holding committed rows is rewritten by the
@@ -13,6 +19,7 @@ committed step survives. ``close()`` then rewrites the finished file compressed 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +29,9 @@ import h5py
 import numpy as np
 
 from inrun.store.compression import remove_stale_repack, repack
+from inrun.store.durability import SwallowedErrors, chunked_bytes, free_bytes, fsync_path, reserve, sync
+from inrun.store.faults import fault_point
+from inrun.store.lock import StoreLock
 from inrun.store.paths import new_run_id
 from inrun.store.rankfile import RankFile, committed_counts
 from inrun.store.schema import (
@@ -50,6 +60,8 @@ from inrun.store.schema import (
 )
 
 WRITER_STEP_COLUMNS = ("n_samples", "row_start")
+
+CREATE_SUFFIX = ".new.tmp"  # a store being created, renamed into place once its header and tables are written
 
 
 class _Buffer:
@@ -133,27 +145,41 @@ class RunWriter:
         self._closed = False
         self._committed = (0, 0)  # (steps, rows) in the file; the attributes' value, kept here for speed
         if resume:
-            self._file = self._open_existing(run_id, rank, world_size, step_columns, record_columns)
+            self._check_resume_path()
         else:
-            self._file = self._create_new(run_id or new_run_id(), rank, world_size, step_columns, record_columns,
-                                          overwrite)
-        self._steps, self._records = self._file[STEPS], self._file[RECORDS]
-        self.step_columns, self.record_columns = table_columns(self._steps), table_columns(self._records)
-        self._step_buf, self._record_buf = _Buffer(self.step_columns), _Buffer(self.record_columns)
-        if resume:
-            self._cut_uncommitted_tail()
-        self._last_step = self._read_last_step()
-        if config is not None:
-            self.set_config(config)
-        if coverage is not None:
-            self.set_coverage(coverage)
-        self._file.flush()
+            self._check_new_path(overwrite)
+        self._lock = StoreLock(self.path)  # one writer per store, before anything is created or changed
+        try:
+            if resume:
+                self._file = self._open_existing(run_id, rank, world_size, step_columns, record_columns)
+            else:
+                self._file = self._create_new(run_id or new_run_id(), rank, world_size, step_columns,
+                                              record_columns, config, coverage)
+            # one handle per dataset for the writer's life: chunks then reach the disk in File.flush(), which
+            # raises on a write error, never in a dataset's destructor, which cannot (durability.py)
+            self._steps = dict(self._file[STEPS].items())
+            self._records = dict(self._file[RECORDS].items())
+            self.step_columns, self.record_columns = table_columns(self._steps), table_columns(self._records)
+            self._step_buf, self._record_buf = _Buffer(self.step_columns), _Buffer(self.record_columns)
+            if resume:
+                fault_point("resume")
+                self._cut_uncommitted_tail()
+            self._last_step = self._read_last_step()
+            if resume and config is not None:
+                self.set_config(config)
+            if resume and coverage is not None:
+                self.set_coverage(coverage)
+            sync(self._file)
+        except BaseException:
+            file = getattr(self, "_file", None)
+            if file is not None:
+                file.close()
+            self._lock.release()
+            raise
 
     # -- opening ---------------------------------------------------------------------------------------------------
 
-    def _create_new(self, run_id, rank, world_size, step_columns, record_columns, overwrite):
-        step_cols = as_columns(step_columns or DEFAULT_STEP_COLUMNS, REQUIRED_STEP_COLUMNS, "step")
-        record_cols = as_columns(record_columns or DEFAULT_RECORD_COLUMNS, REQUIRED_RECORD_COLUMNS, "record")
+    def _check_new_path(self, overwrite: bool) -> None:
         if self.path.is_dir():
             raise StoreIOError(
                 f"run store path {self.path} is a folder; give a file name such as {self.path / 'run.h5'}"
@@ -169,22 +195,45 @@ class RunWriter:
             raise StoreIOError(
                 f"cannot create the folder of run store {self.path}: {err}. Choose a writable path."
             ) from err
+
+    def _create_new(self, run_id, rank, world_size, step_columns, record_columns, config, coverage):
+        """Write the empty store under a temporary name, sync it and rename it into place (replacing an old store
+        with ``overwrite=True``: a reader holding the old file keeps reading it), then open it to append."""
+        step_cols = as_columns(step_columns or DEFAULT_STEP_COLUMNS, REQUIRED_STEP_COLUMNS, "step")
+        record_cols = as_columns(record_columns or DEFAULT_RECORD_COLUMNS, REQUIRED_RECORD_COLUMNS, "record")
+        tmp = self.path.with_name(self.path.name + CREATE_SUFFIX)
+        remove_stale_repack(self.path)
         try:
-            remove_stale_repack(self.path)
-            file = h5py.File(self.path, "w", **CREATE_OPTIONS)
+            tmp.unlink(missing_ok=True)
+            file = h5py.File(tmp, "w", **CREATE_OPTIONS)
         except OSError as err:
-            raise open_error(self.path, err, "w") from err
+            raise open_error(tmp, err, "w") from err
         try:
-            self._write_header(file, run_id, rank, world_size)
-            create_table(file.create_group(STEPS, track_order=True), step_cols)
-            create_table(file.create_group(RECORDS, track_order=True), record_cols)
-            file.flush()
-        except OSError as err:
-            file.close()
+            with SwallowedErrors() as swallowed:
+                self._write_header(file, run_id, rank, world_size)
+                if config is not None:
+                    file.attrs["config"] = _json(config)
+                if coverage is not None:
+                    file.attrs["coverage"] = _json(coverage)
+                create_table(file.create_group(STEPS, track_order=True), step_cols)
+                create_table(file.create_group(RECORDS, track_order=True), record_cols)
+                sync(file)
+                file.close()
+                swallowed.check()
+            fault_point("create")
+            os.replace(tmp, self.path)
+            fsync_path(self.path.parent)
+        except (OSError, RuntimeError) as err:
+            if file.id.valid:
+                file.close()
+            tmp.unlink(missing_ok=True)
             raise StoreIOError(
-                f"cannot write run store {self.path}: {err}. Choose a writable path with free space."
+                f"cannot write run store {self.path}: {_cause(err)}. Choose a writable path with free space."
             ) from err
-        return file
+        try:
+            return h5py.File(self.path, "r+", **OPEN_OPTIONS)
+        except OSError as err:
+            raise open_error(self.path, err, "r+") from err
 
     @staticmethod
     def _write_header(file: h5py.File, run_id: str, rank: int, world_size: int) -> None:
@@ -201,14 +250,17 @@ class RunWriter:
         attrs["committed_steps"] = 0
         attrs["committed_rows"] = 0
 
-    def _open_existing(self, run_id, rank, world_size, step_columns, record_columns):
+    def _check_resume_path(self) -> None:
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"cannot resume run store {self.path}: no such file. Drop resume=True to start one."
             )
-        remove_stale_repack(self.path)
+
+    def _open_existing(self, run_id, rank, world_size, step_columns, record_columns):
+        remove_stale_repack(self.path)  # a compression that a crash interrupted: close() compresses again
+        self.path.with_name(self.path.name + CREATE_SUFFIX).unlink(missing_ok=True)
         if _check_resumable(self.path, run_id, rank, world_size, step_columns, record_columns):
-            repack(self.path, None)  # appending to compressed chunks is not crash-safe
+            repack(self.path, None, holding_lock=True)  # appending to compressed chunks is not crash-safe
         try:
             return h5py.File(self.path, "r+", **OPEN_OPTIONS)
         except OSError as err:
@@ -220,7 +272,7 @@ class RunWriter:
         self._resize_tables(steps, rows)
         self._file.attrs["committed_rows"] = rows
         self._committed = (steps, rows)
-        self._file.flush()
+        sync(self._file)
 
     def _resize_tables(self, steps: int, rows: int) -> None:
         for ds in self._steps.values():
@@ -341,24 +393,33 @@ class RunWriter:
         n_steps, n_rows = self._step_buf.rows, self._record_buf.rows
         records, steps = self._record_buf.take(), self._step_buf.take()
         try:
-            for name, rows in records.items():
-                _write_rows(self._records[name], rows_before, rows)
-            for name, rows in steps.items():
-                _write_rows(self._steps[name], steps_before, rows)
-            self._file.flush()
-            self._set_committed(steps_before + n_steps, rows_before + n_rows)
+            with SwallowedErrors() as swallowed:
+                reserve(self._file, chunked_bytes(self._records.values(), rows_before, n_rows)
+                        + chunked_bytes(self._steps.values(), steps_before, n_steps))
+                for name, rows in records.items():
+                    _write_rows(self._records[name], rows_before, rows)
+                for name, rows in steps.items():
+                    _write_rows(self._steps[name], steps_before, rows)
+                fault_point("write")
+                sync(self._file)  # the rows are on disk ...
+                swallowed.check()
+                fault_point("flush")
+                self._set_committed(steps_before + n_steps, rows_before + n_rows)  # ... before the counts say so
+                swallowed.check()
         except (OSError, RuntimeError) as err:
             self._failed = err
             raise StoreIOError(
-                f"writing run store {self.path} failed: {err}. The {steps_before} steps committed before stay "
-                f"readable; the {n_steps} buffered steps are lost. Free space (or fix the file system) and continue "
-                "with resume=True."
+                f"writing run store {self.path} failed: {_cause(err)}. Nothing of this block was committed: the "
+                f"{self.committed_steps} steps committed before stay whole and readable; the {n_steps} buffered "
+                "steps are lost. Training cannot be recorded further: free space (or fix the file system) and "
+                "resume from a checkpoint (resume=True)."
             ) from err
+        fault_point("commit")
 
     def _set_committed(self, steps: int, rows: int) -> None:
         self._file.attrs["committed_steps"] = steps
         self._file.attrs["committed_rows"] = rows
-        self._file.flush()
+        sync(self._file)
         self._committed = (steps, rows)
 
     def truncate_to_step(self, step: int) -> None:
@@ -378,10 +439,10 @@ class RunWriter:
         try:
             self._set_committed(keep, rows)  # shrink the counts first: a crash in between loses nothing committed
             self._resize_tables(keep, rows)
-            self._file.flush()
+            sync(self._file)
         except (OSError, RuntimeError) as err:
             self._failed = err
-            raise StoreIOError(f"truncating run store {self.path} failed: {err}") from err
+            raise StoreIOError(f"truncating run store {self.path} failed: {_cause(err)}") from err
         self._last_step = int(numbers[keep - 1]) if keep else None
 
     def write_static(self, path: str, data: Any = None, attrs: Mapping[str, Any] | None = None) -> None:
@@ -392,47 +453,95 @@ class RunWriter:
         path = path.strip("/")
         if not path or path.split("/")[0] in (STEPS, RECORDS):
             raise ValueError(f"static path {path!r} must name a group or dataset outside 'steps' and 'records'")
-        if data is None:
-            obj = self._file.require_group(path)
-        else:
-            if path in self._file:
-                del self._file[path]
-            obj = _create_static_dataset(self._file, path, data)
-        for key, value in (attrs or {}).items():
-            obj.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-        self._file.flush()
+        try:
+            with SwallowedErrors() as swallowed:
+                reserve(self._file, 0 if data is None else np.asarray(data).nbytes)
+                if data is None:
+                    obj = self._file.require_group(path)
+                else:
+                    if path in self._file:
+                        del self._file[path]
+                    obj = _create_static_dataset(self._file, path, data)
+                for key, value in (attrs or {}).items():
+                    obj.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+                fault_point("static")
+                sync(self._file)
+                swallowed.check()
+        except (OSError, RuntimeError) as err:
+            self._failed = err
+            raise StoreIOError(
+                f"writing {path!r} to run store {self.path} failed: {_cause(err)}. The {self.committed_steps} committed "
+                "steps stay whole and readable; free space and resume from a checkpoint (resume=True)."
+            ) from err
 
     def set_config(self, config: Mapping[str, Any]) -> None:
         """Replace the stored run configuration (a JSON-able dict); on disk at the next commit."""
-        self._file.attrs["config"] = json.dumps(dict(config), sort_keys=True, default=str)
+        self._file.attrs["config"] = _json(config)
 
     def set_coverage(self, coverage: Mapping[str, Any]) -> None:
         """Replace the stored coverage description (a JSON-able dict); on disk at the next commit."""
-        self._file.attrs["coverage"] = json.dumps(dict(coverage), sort_keys=True, default=str)
+        self._file.attrs["coverage"] = _json(coverage)
 
     # -- closing ----------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Commit what is buffered, close the file and rewrite it with ``compression`` (atomically: a crash
-        meanwhile keeps the uncompressed file). After a write failure only closes. Safe to call twice."""
+        meanwhile keeps the uncompressed file), then release the store's lock. After a write failure only closes
+        (nothing more is committed). Safe to call twice."""
         if self._closed:
             return
         try:
-            if self._failed is None:
-                self.flush()
-        finally:
-            self._closed = True
             try:
+                if self._failed is None:
+                    self.flush()
+                    fault_point("close")
+            finally:
+                self._closed = True
+                self._close_file()
+            if self._failed is None and self.compression is not None:
+                self._compress()
+        finally:
+            self._lock.release()
+
+    def _close_file(self) -> None:
+        if self._failed is not None:
+            _detach_from_disk(self._file)
+        with SwallowedErrors() as swallowed:
+            try:
+                self._steps, self._records = {}, {}
                 self._file.close()
+                swallowed.check()
             except (OSError, RuntimeError) as err:
                 if self._failed is None:
-                    raise StoreIOError(f"closing run store {self.path} failed: {err}") from err
-        if self._failed is None and self.compression is not None:
+                    self._failed = err
+                    raise StoreIOError(
+                        f"closing run store {self.path} failed: {_cause(err)}. The {self.committed_steps} committed steps "
+                        "stay whole and readable."
+                    ) from err
+
+    def _compress(self) -> None:
+        """Rewrite the closed store with ``compression``; when that is impossible, say why and that (and only
+        because) the store was checked complete, it stays uncompressed."""
+        size = self.path.stat().st_size
+        free = free_bytes(self.path.parent)
+        reason = None
+        if free < size + (1 << 20):  # the compressed copy is at most the size of the file, until it replaces it
+            reason = f"compressing needs up to {size / 1e6:.1f} MB free next to it and {free / 1e6:.1f} MB are free"
+        else:
             try:
-                repack(self.path, self.compression)
+                repack(self.path, self.compression, holding_lock=True)
+                return
             except (OSError, RuntimeError) as err:
-                warnings.warn(f"could not compress run store {self.path} ({err}); it stays uncompressed and complete",
-                              RuntimeWarning, stacklevel=2)
+                reason = str(err)
+        with RankFile(self.path, live=False) as f:  # the store itself is untouched: check that before saying it
+            complete = (f.committed_steps, f.committed_rows) == self._committed
+        if not complete:
+            raise StoreIOError(f"run store {self.path} does not hold the {self.committed_steps} steps committed "
+                               f"while compressing failed ({reason})")
+        warnings.warn(
+            f"could not compress run store {self.path} ({reason}); it stays uncompressed and complete (all "
+            f"{self.committed_steps} committed steps checked). Compress it later with "
+            f"inrun.store.repack(path, {self.compression!r}).", RuntimeWarning, stacklevel=3)
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -451,9 +560,33 @@ class RunWriter:
             raise StoreError(f"run store writer for {self.path} is closed")
         if self._failed is not None:
             raise StoreIOError(
-                f"run store writer for {self.path} stopped after a write error ({self._failed}); "
+                f"run store writer for {self.path} stopped after a write error ({_cause(self._failed)}); "
                 "open it again with resume=True"
             )
+
+
+def _detach_from_disk(file: h5py.File) -> None:
+    """After a write error: point the file's descriptor at /dev/null, so that closing it writes nothing more to the
+    store (it stays as the last commit left it) and HDF5, whose retries of a failed flush otherwise end in a crash
+    at exit, closes cleanly."""
+    try:
+        fd = file.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, RuntimeError, ValueError):
+        pass
+
+
+def _cause(err: BaseException) -> str:
+    """An error's text on one line (HDF5's messages span several)."""
+    return " ".join(str(err).split())
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(dict(value), sort_keys=True, default=str)
 
 
 def _cast_rows(name: str, array: np.ndarray, col: Column, n: int) -> np.ndarray:
@@ -482,7 +615,7 @@ def _create_static_dataset(file: h5py.File, path: str, data: Any) -> h5py.Datase
 def _check_resumable(path: Path, run_id: str | None, rank: int, world_size: int,
                      step_columns: Mapping[str, Any] | None, record_columns: Mapping[str, Any] | None) -> bool:
     """Raise a clear error unless the store at ``path`` can be resumed as asked; return whether it is compressed."""
-    with RankFile(path) as f:
+    with RankFile(path, live=False) as f:
         _check_identity(f, run_id, rank, world_size)
         _check_columns(f.file[STEPS], step_columns, "step", path)
         _check_columns(f.file[RECORDS], record_columns, "record", path)

@@ -37,8 +37,10 @@ from inrun.engine.capture import GradientCapture
 from inrun.engine.checks import RecorderChecks
 from inrun.engine.projection import ProjectionSettings, Projector
 from inrun.errors import BatchMismatchError, InRunError, InvalidArgumentError, NonFiniteGradientError
+from inrun.store.compression import stale_repack
+from inrun.store.faults import fault_point
 from inrun.store.paths import checkpoint_folder, checkpoint_path, new_run_id, rank_path
-from inrun.store.schema import DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, Column
+from inrun.store.schema import DEFAULT_RECORD_COLUMNS, DEFAULT_STEP_COLUMNS, Column, StoreIOError
 from inrun.store.writer import RunWriter
 from inrun.valuation.arguments import (
     check_distribution,
@@ -573,8 +575,13 @@ class InRunRecorder:
         state = {name: tensor.detach().cpu().clone() for name, tensor in self.model.state_dict().items()}
         target = checkpoint_path(self.path, step)
         temporary = target.with_suffix(".tmp")
-        torch.save({"step": step, "run_id": self.run_id, "state_dict": state}, temporary)
-        temporary.replace(target)  # atomic: a crash never leaves a half-written checkpoint under the real name
+        try:
+            torch.save({"step": step, "run_id": self.run_id, "state_dict": state}, temporary)
+            temporary.replace(target)  # atomic: a crash never leaves a half-written checkpoint under the real name
+        except (OSError, RuntimeError) as err:  # a full disk: nothing half-written is left, and the step's
+            temporary.unlink(missing_ok=True)  # checkpoint flag is never set
+            raise StoreIOError(f"saving the model checkpoint {target} of run store {self.path} failed: {err}. "
+                               "Free space and resume from a checkpoint.") from err
         return True
 
     # -- ending, checkpoints ---------------------------------------------------------------------------------------
@@ -586,17 +593,28 @@ class InRunRecorder:
         """Write the last step (with the final validation loss when ``final``), commit and close the store."""
         if self.writer is None and self._early_skips:
             self._open_store_late(None)  # every step was empty: the skipped rows, without a projection layout
+        if self.writer is None and final and self._resume_unfinished():
+            self._open_store(None, "unknown")  # resumed from the final checkpoint, no step taken: finish the store
         if self.writer is None:
             return
         try:
             if self.pending is not None and final:
                 self._complete_pending(self._validation_loss())
+            if final:
+                self.writer.flush()  # the last step is committed before the final checkpoint is saved
+                fault_point("checkpoint")
             if final and self.checkpoint_every and self.save_checkpoint(self.next_step):
                 self.writer.write_static("checkpoints", attrs={"final_step": self.next_step})
         finally:
             self.writer.close()
             self.writer = None
             self.capture.detach()
+
+    def _resume_unfinished(self) -> bool:
+        """Resumed from a checkpoint whose last step is not in the store yet (it waits for the validation loss
+        after it), or whose store's compression a crash interrupted."""
+        state = self._resume_state
+        return state is not None and (state.get("pending") is not None or stale_repack(self.path))
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this recording without duplicating or losing steps."""
