@@ -231,7 +231,10 @@ def test_check_model_agrees(name):
     assert check.ok, f"{name}: check_model says not exact:\n{check}"
     assert check.mixing is None
     assert all(row.exact and row.route in ("ghost", "materialised", "fallback") for row in check.rows)
-    assert max(row.max_rel_error for row in check.rows) <= TOL
+    # check_model's per-parameter error is relative to that parameter's largest per-sample gradient; a parameter
+    # whose true gradient is zero (an attention key bias: softmax ignores a shift shared by all keys) shows fp32
+    # noise against a floor there (up to ~7e-6 on ViT), hence 10x the products' tolerance
+    assert max(row.max_rel_error for row in check.rows) <= 10 * TOL
 
 
 def test_check_model_routes_the_norm_scales_and_bare_parameters_through_the_fallback():
