@@ -288,3 +288,51 @@ def test_relative_position_bias_without_a_batch_dimension():
         inrun.engine.checks.probe_shapes(capture, model, sequence_loss, train, 3)
         assert any("attention.bias.weight" in line for line in capture.coverage.fallback)
         assert capture.coverage.fraction == 1.0
+
+
+# -- a registered handler takes precedence over the fallback (the README's worked example) ---------------------------
+class ScaledLinear(nn.Linear):
+    """``y = scale * (x W^T + b)``: a subclass, so the dedicated Linear handler does not apply to it."""
+
+    def __init__(self, d_in: int, d_out: int, scale: float):
+        super().__init__(d_in, d_out)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * super().forward(x)
+
+
+class ScaledLinearHandler:
+    parameter_names = ("weight", "bias")
+
+    def check(self, module):
+        return None
+
+    def factors(self, module, inputs, grad_output):
+        from inrun.engine.factors import DenseSide, FlatFactor, OuterFactor
+        from inrun.engine.layers.registry import sample_major
+
+        a = sample_major(inputs)
+        b = sample_major(grad_output) * module.scale
+        found = {"weight": OuterFactor(DenseSide(b), DenseSide(a))}
+        if module.bias is not None:
+            found["bias"] = FlatFactor(b.sum(1))
+        return found
+
+
+def test_a_registered_handler_replaces_the_fallback():
+    from inrun.engine.layers.registry import _BY_TYPE
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), ScaledLinear(5, 3, 0.5)).double()
+    train, val = randn(3, 6, 4, seed=13), randn(2, 6, 4, seed=14)
+    assert {r.parameter: r.route for r in inrun.check_model(model, sequence_loss, train, print_table=False).rows}[
+        "2.weight"] == "fallback"
+    inrun.register_layer(ScaledLinear, ScaledLinearHandler())
+    try:
+        check = inrun.check_model(model, sequence_loss, train, print_table=False)
+        assert check.ok and {r.parameter: r.route for r in check.rows}["2.weight"] in ("ghost", "materialised")
+        assert R.relative_error(inrun.grad_dots(model, sequence_loss, train, val),
+                                R.reference_dots(model, sequence_loss, train, val)) < 1e-10
+    finally:
+        del _BY_TYPE[ScaledLinear]
