@@ -412,6 +412,17 @@ class RecorderChecks:
             return True
         return step == self.first_step or (self.every is not None and step % self.every == 0)
 
+    def on_start(self, recorder: Any, loss_fn: LossFn | None) -> None:
+        """Probe the shapes with the first validation batch before any validation pass uses the capture (a lookup
+        shared by the batch whose length equals the number of validation points is then read right)."""
+        validation = getattr(recorder, "validation", None)
+        batches = getattr(validation, "batches", None)
+        if not self.enabled or not batches or loss_fn is None or getattr(recorder, "param_shapes", None):
+            return
+        from inrun.engine.products import infer_batch_size
+
+        probe_shapes(recorder.capture, recorder.model, loss_fn, batches[0], infer_batch_size(batches[0]))
+
     def on_microbatch(self, recorder: Any, batch: Any, loss_fn: LossFn | None) -> None:
         import time
 

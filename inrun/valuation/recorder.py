@@ -217,6 +217,7 @@ class InRunRecorder:
             self.validation.to(device)
         self.capture.attach()
         try:
+            self.checks.on_start(self, self._check_loss_fn)
             self._check_validation()
         except BaseException:
             self.capture.detach()
