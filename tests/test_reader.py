@@ -395,3 +395,166 @@ def test_two_million_records_against_a_sorting_reference(tmp_path):
     assert set(top_ids.tolist()) <= set(got_ids.tolist())
     np.testing.assert_allclose(phases.values, values.reshape(10, -1).sum(axis=1), rtol=1e-9)
     assert elapsed < 10, f"reading 2M records took {elapsed:.1f}s"
+
+
+# ------------------------------------------------------------------------------------------------ streamed reading
+
+PER_VAL_2 = PER_VAL | {"value_2_per_val": (np.float32, (2,))}
+
+
+def write_sparse_rank(path: Path, seed: int, rank: int, world_size: int, ids_pool: np.ndarray) -> dict:
+    """A rank file with ids drawn from ``ids_pool`` (hashed-looking int64 ids), returning its raw columns."""
+    rng = np.random.default_rng(seed)
+    raw = {k: [] for k in ("step", "lr", "sample_id", "value_1", "value_2", "grad_norm_sq", "source",
+                           "value_1_per_val", "value_2_per_val")}
+    with RunWriter(path, run_id="sparse", rank=rank, world_size=world_size, record_columns=PER_VAL_2,
+                   flush_every=3) as w:
+        for t in range(9):
+            n = int(rng.integers(0, 9))
+            records = {
+                "sample_id": rng.choice(ids_pool, n),
+                "value_1": np.round(rng.normal(size=n), 1),  # rounded: ties in top_k
+                "value_2": rng.normal(size=n),
+                "grad_norm_sq": rng.uniform(0.5, 2.0, n),
+                "source": rng.integers(-1, 5, n).astype(np.int32),
+                "value_1_per_val": rng.normal(size=(n, 2)).astype(np.float32),
+                "value_2_per_val": rng.normal(size=(n, 2)).astype(np.float32),
+            }
+            if n >= 2:
+                records["value_1"][1] = np.nan
+                records["value_1_per_val"][0, 1] = np.nan
+            lr = 0.0 if t == 2 else 0.05 * (t + 1)
+            w.append_step({"lr": lr}, records)
+            for k, v in records.items():
+                raw[k].append(v)
+            raw["step"].append(np.full(n, t))
+            raw["lr"].append(np.full(n, lr))
+    return {k: np.concatenate(v) for k, v in raw.items()}
+
+
+@pytest.fixture(params=["bitmap", "sorted"])
+def sparse_run(tmp_path, monkeypatch, request):
+    """Two ranks, ids from a sparse pool (up to 2**62) or a compact one, read in blocks of 5 rows."""
+    import inrun.store.reader as reader
+
+    monkeypatch.setattr(reader, "BLOCK_ROWS", 5)
+    rng = np.random.default_rng(3)
+    if request.param == "sorted":
+        pool = np.r_[rng.integers(-(2**62), 2**62, 20), 2**62, -(2**62)]
+    else:
+        pool = rng.choice(400, 25, replace=False) - 100
+    raws = [write_sparse_rank(rank_path(tmp_path / "run.h5", r, 2), 20 + r, r, 2, pool) for r in range(2)]
+    raw = {k: np.concatenate([r[k] for r in raws]) for k in raws[0]}
+    with open_run(tmp_path / "run.h5") as run:
+        assert run._id_index().kind == request.param
+        yield run, raw, raws
+
+
+def plain_sums(raw: dict, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference over the raw columns with plain numpy: unique ids, per-id sums and counts of non-NaN values."""
+    ids, inverse = np.unique(raw["sample_id"], return_inverse=True)
+    recorded = ~np.isnan(values)
+    sums = np.bincount(inverse[recorded], weights=values[recorded], minlength=ids.size)
+    return ids, sums, np.bincount(inverse[recorded], minlength=ids.size).astype(float)
+
+
+@pytest.mark.parametrize("normalize", ["none", "lr", "grad_norm", "count"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_streamed_sums_match_plain_numpy(sparse_run, order, normalize):
+    run, raw, _ = sparse_run
+    values = raw[f"value_{order}"].copy()
+    if normalize == "lr":
+        values = np.where(raw["lr"] == 0, 0.0, values / np.where(raw["lr"] == 0, 1, raw["lr"]))
+    if normalize == "grad_norm":
+        values = values / np.sqrt(raw["grad_norm_sq"])
+    ids, sums, counts = plain_sums(raw, values)
+    if normalize == "count":
+        with np.errstate(invalid="ignore"):
+            sums = np.where(counts > 0, sums / counts, np.nan)
+    got_ids, got = run.sample_values(order=order, normalize=normalize)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got, sums, rtol=1e-12, atol=1e-12)
+    counted_ids, occurrences = run.sample_counts()
+    np.testing.assert_array_equal(occurrences, np.unique(raw["sample_id"], return_counts=True)[1])
+
+
+def test_streamed_top_k_breaks_ties_by_id(sparse_run):
+    run, raw, _ = sparse_run
+    ids, sums, _ = plain_sums(raw, raw["value_1"])
+    for k in (0, 1, 3, 7, len(ids), len(ids) + 5):
+        best = sorted(range(len(ids)), key=lambda i: (-sums[i], ids[i]))[:k]
+        worst = sorted(range(len(ids)), key=lambda i: (sums[i], ids[i]))[:k]
+        assert run.top_k(k)[0].tolist() == ids[best].tolist()
+        assert run.bottom_k(k)[0].tolist() == ids[worst].tolist()
+    assert len(set(np.round(sums, 6).tolist())) < len(ids)  # the data do hold ties
+
+
+@pytest.mark.parametrize("by_source", [False, True])
+def test_streamed_phases_match_plain_numpy(sparse_run, by_source):
+    run, raw, _ = sparse_run
+    recorded = ~np.isnan(raw["value_1"])
+    phase = raw["step"][recorded] // 4
+    values = raw["value_1"][recorded]
+    phases = run.phase_values(window=4, by_source=by_source)
+    if not by_source:
+        np.testing.assert_allclose(phases.values, np.bincount(phase, weights=values, minlength=3), rtol=1e-12)
+        return
+    sources = np.unique(raw["source"])
+    assert phases.source_ids.tolist() == sources.tolist()
+    for j, s in enumerate(sources):
+        mine = raw["source"][recorded] == s
+        np.testing.assert_allclose(phases.values[:, j], np.bincount(phase[mine], weights=values[mine], minlength=3),
+                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(phases.counts[:, j], np.bincount(phase[mine], minlength=3))
+
+
+def test_streamed_step_values_and_records(sparse_run):
+    run, raw, raws = sparse_run
+    for t in range(9):
+        ids, values = run.step_values(t, order=2)
+        np.testing.assert_array_equal(ids, np.concatenate([r["sample_id"][r["step"] == t] for r in raws]))
+        np.testing.assert_array_equal(values, np.concatenate([r["value_2"][r["step"] == t] for r in raws]))
+    records = run.records(["sample_id", "value_1_per_val", "rank"])
+    np.testing.assert_array_equal(records["sample_id"], raw["sample_id"])
+    np.testing.assert_array_equal(records["value_1_per_val"], raw["value_1_per_val"])
+    blocks = list(run.iter_records(["step"], block_rows=4))
+    assert max(len(b["step"]) for b in blocks) == 4
+    np.testing.assert_array_equal(np.concatenate([b["step"] for b in blocks]), raw["step"])
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_val_point_matrix_matches_plain_numpy(sparse_run, order):
+    run, raw, _ = sparse_run
+    got_ids, matrix = run.val_point_values(order=order)
+    assert matrix.shape == (len(got_ids), 2)
+    for j in range(2):
+        ids, sums, counts = plain_sums(raw, raw[f"value_{order}_per_val"][:, j].astype(np.float64))
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_allclose(matrix[:, j], sums, rtol=1e-12, atol=1e-12)
+    _, means = run.val_point_values(order=order, normalize="count")
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(means[:, 1], sums / counts, rtol=1e-12)
+
+
+def test_val_point_matrix_not_recorded_is_a_clear_error(one_rank):
+    path, _ = one_rank
+    with open_run(path) as run:
+        assert run.val_point_values(order=1)[1].shape[1] == 2
+        with pytest.raises(ValueError, match="no per-validation-point values of order 2.*per_val_point=True and "
+                                             "shapley='second'"):
+            run.val_point_values(order=2)
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "sorted"])
+def test_id_index_positions(kind, monkeypatch):
+    import inrun.store.reader as reader
+
+    if kind == "sorted":
+        monkeypatch.setattr(reader, "BITMAP_MAX_IDS", 0)
+    rng = np.random.default_rng(1)
+    blocks = [rng.integers(-70, 5000, int(rng.integers(0, 300))) for _ in range(13)]
+    index = reader.IdIndex.build(lambda: iter(blocks))
+    assert index.kind == kind
+    everything = np.concatenate(blocks)
+    np.testing.assert_array_equal(index.ids, np.unique(everything))
+    np.testing.assert_array_equal(index.ids[index.positions(everything)], everything)

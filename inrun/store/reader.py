@@ -1,14 +1,15 @@
 """Reading a recorded run: ``inrun.open_run(path)`` returns a ``Run`` over all rank files of one run.
 
-Every aggregate is vectorised numpy over the committed records of all ranks (no Python loop over rows), so runs
-with millions of records read in about a second. Values follow ALGORITHMS.md: positive = the sample helped.
+Every aggregate streams the committed records of all ranks in blocks (vectorised numpy, no Python loop over rows),
+in memory that grows with the distinct sample ids and the steps, never with the rows: a billion-record run reads
+on one machine (experiments/bench_reader.py). Values follow ALGORITHMS.md: positive = the sample helped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,7 +20,9 @@ from inrun.store.schema import IncompatibleStoreError
 NORMALIZATIONS = ("none", "lr", "grad_norm", "count")
 SOURCE_NAMES_PATH = "sources/names"
 UNLABELLED = "unlabelled"  # name of source -1 (a batch without source labels)
-BLOCK_ROWS = 1 << 18  # rows per read block for multi-dimensional columns
+BLOCK_ROWS = 1 << 20  # rows per read block (8 MiB per 8-byte column)
+BITMAP_MAX_IDS = 1 << 32  # the id index uses a bitmap over the id range up to this range (768 MiB) ...
+BITMAP_IDS_PER_ROW = 32  # ... and at most this many ids of range per record (6 bytes per row): else sorted ids
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,181 @@ def _check_one_run(files: list[RankFile], asked: Path) -> list[RankFile]:
     return [by_rank[r] for r in range(world_size)]
 
 
+class IdIndex:
+    """The distinct sample ids of a run (ascending) and a vectorised map from id to position among them.
+
+    Memory is proportional to the distinct ids, never to the rows: the sorted ids (8 bytes each) plus either a
+    bitmap over the id range with per-word ranks (``range / 5.3`` bytes; used when the range is at most
+    ``BITMAP_MAX_IDS`` ids and at most ``BITMAP_IDS_PER_ROW`` ids per record) or, for sparse ids such as hashed
+    document ids, nothing more (binary search in the sorted ids). Built in two streamed passes over ``sample_id``.
+    """
+
+    def __init__(self, ids: np.ndarray, lo: int = 0, words: np.ndarray | None = None,
+                 ranks: np.ndarray | None = None):
+        self.ids = _read_only(ids)
+        self._lo, self._words, self._ranks = lo, words, ranks
+
+    @property
+    def kind(self) -> str:
+        return "bitmap" if self._words is not None else "sorted"
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + sum(a.nbytes for a in (self._words, self._ranks) if a is not None)
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """Position of each of ``keys`` (ids that occur in the run) in ``ids``."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._words is None:
+            return np.searchsorted(self.ids, keys)
+        offset = (keys - self._lo).astype(np.uint64)
+        word = (offset >> np.uint64(6)).astype(np.intp)
+        below = np.left_shift(np.uint64(1), offset & np.uint64(63)) - np.uint64(1)
+        return self._ranks[word] + np.bitwise_count(self._words[word] & below)
+
+    @classmethod
+    def build(cls, blocks: Callable[[], Iterator[np.ndarray]]) -> "IdIndex":
+        """The index of the ids yielded by ``blocks()`` (called once or twice: each call streams them again)."""
+        lo, hi, rows = None, None, 0
+        for ids in blocks():
+            if ids.size:
+                lo = int(ids.min()) if lo is None else min(lo, int(ids.min()))
+                hi = int(ids.max()) if hi is None else max(hi, int(ids.max()))
+                rows += ids.size
+        if lo is None:
+            return cls(np.zeros(0, np.int64))
+        span = hi - lo + 1
+        if span <= BITMAP_MAX_IDS and span <= BITMAP_IDS_PER_ROW * rows + (1 << 16):
+            return cls._bitmap(blocks, lo, span)
+        return cls(_sorted_unique(blocks()))
+
+    @classmethod
+    def _bitmap(cls, blocks: Callable[[], Iterator[np.ndarray]], lo: int, span: int) -> "IdIndex":
+        words = np.zeros((span + 63) // 64, np.uint64)
+        for ids in blocks():
+            offset = np.sort((ids - lo).astype(np.uint64))
+            if not offset.size:
+                continue
+            word = offset >> np.uint64(6)
+            starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+            bits = np.left_shift(np.uint64(1), offset & np.uint64(63))
+            words[word[starts].astype(np.intp)] |= np.bitwise_or.reduceat(bits, starts)
+        counts = np.bitwise_count(words)
+        total = int(counts.sum(dtype=np.int64))
+        ranks = np.cumsum(counts, dtype=np.int64 if total >= 2**31 else np.int32)
+        ranks -= counts
+        return cls(_set_bits(words, total) + lo, lo, words, ranks)
+
+
+def _set_bits(words: np.ndarray, total: int) -> np.ndarray:
+    """Indices of the set bits of ``words`` (bit j of word w is index 64 w + j), ascending, in chunks of bytes."""
+    out = np.empty(total, np.int64)
+    table_count = np.bitwise_count(np.arange(256, dtype=np.uint8)).astype(np.int64)
+    table_bits = np.array([[b for b in range(8) if v >> b & 1] + [0] * (8 - bin(v).count("1")) for v in range(256)],
+                          np.int64)
+    data = words.view(np.uint8)
+    filled = 0
+    for start in range(0, data.size, 1 << 24):
+        chunk = data[start:start + (1 << 24)]
+        nonzero = np.flatnonzero(chunk)
+        values = chunk[nonzero]
+        counts = table_count[values]
+        n = int(counts.sum())
+        first = np.cumsum(counts) - counts
+        which = np.repeat(np.arange(nonzero.size), counts)
+        kth = np.arange(n) - first[which]
+        out[filled:filled + n] = (nonzero[which] + start) * 8 + table_bits[values[which], kth]
+        filled += n
+    return out
+
+
+def _sorted_unique(blocks: Iterator[np.ndarray]) -> np.ndarray:
+    """Distinct values of the streamed blocks, ascending: each block's ``np.unique`` merged into sorted levels (a
+    merge of sorted runs is linear with a stable sort), so peak memory is a small multiple of the distinct ids."""
+    levels: list[np.ndarray] = []
+    for ids in blocks:
+        levels.append(np.unique(ids.astype(np.int64, copy=False)))
+        while len(levels) > 1 and levels[-2].size <= 2 * levels[-1].size:
+            top = levels.pop()
+            levels[-1] = _merge_unique(levels[-1], top)
+    while len(levels) > 1:
+        top = levels.pop()
+        levels[-1] = _merge_unique(levels[-1], top)
+    return levels[0] if levels else np.zeros(0, np.int64)
+
+
+def _merge_unique(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    merged = np.sort(np.concatenate([a, b]), kind="stable")
+    if merged.size < 2:
+        return merged
+    return merged[np.r_[True, merged[1:] != merged[:-1]]]
+
+
+@dataclass
+class _FileSteps:
+    """One rank file's steps (numbers, first rows, counts, learning rates) and a map step number -> row."""
+
+    numbers: np.ndarray
+    row_start: np.ndarray
+    n_samples: np.ndarray
+    lr: np.ndarray | None
+
+    @classmethod
+    def read(cls, f: RankFile) -> "_FileSteps":
+        lr = f.step_column("lr") if "lr" in f.step_columns else None
+        return cls(f.step_column("step"), f.step_column("row_start"), f.step_column("n_samples"), lr)
+
+    @property
+    def contiguous(self) -> bool:
+        n = self.numbers
+        return bool(n.size == 0 or n[-1] - n[0] == n.size - 1)
+
+    def find(self, t: int) -> int | None:
+        """Row of step number ``t`` in this file's steps table, or None; O(1) when the numbers are contiguous."""
+        n = self.numbers
+        if not n.size:
+            return None
+        i = t - int(n[0]) if self._contiguous else int(np.searchsorted(n, t))
+        return i if 0 <= i < n.size and n[i] == t else None
+
+    def __post_init__(self) -> None:
+        self._contiguous = self.contiguous
+
+    def rows_to_steps(self, start: int, stop: int) -> np.ndarray:
+        """For each record row in ``start:stop``, the row of its step in the steps table."""
+        ends = self.row_start + self.n_samples
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(self.row_start, stop, side="left"))
+        begin = np.maximum(self.row_start[first:last], start)
+        end = np.minimum(ends[first:last], stop)
+        return np.repeat(np.arange(first, last), np.maximum(end - begin, 0))
+
+
 class Run:
-    """A recorded run, all ranks together. Open with ``inrun.open_run``; close with ``close()`` or ``with``."""
+    """A recorded run, all ranks together. Open with ``inrun.open_run``; close with ``close()`` or ``with``.
+
+    Aggregates stream the committed records in blocks of ``BLOCK_ROWS`` rows: their memory grows with the number of
+    distinct sample ids (the id index, per-id sums) and steps, never with the number of rows. The id index, the
+    steps tables and the last two per-id results are kept; no record column is.
+    """
 
     def __init__(self, files: Sequence[RankFile]):
         self._files = list(files)
         self._cache: dict[Any, Any] = {}
+        self._record_specs = self._files[0].record_columns
+
+    def _cached(self, key: Any, compute: Callable[[], Any], keep: int | None = None) -> Any:
+        """``compute()`` once per state of the files (the committed counts: a live run that grew is read again)."""
+        state = tuple((f.committed_steps, f.committed_rows) for f in self._files)
+        if self._cache.get("state") != state:
+            self._cache = {"state": state}
+        if key not in self._cache:
+            if keep is not None:  # drop the oldest results of this family
+                family = [k for k in self._cache if isinstance(k, tuple) and k[0] == key[0]]
+                for old in family[: max(0, len(family) - keep + 1)]:
+                    del self._cache[old]
+            self._cache[key] = compute()
+        return self._cache[key]
 
     # -- metadata ---------------------------------------------------------------------------------------------------
 
@@ -136,7 +308,12 @@ class Run:
 
     @property
     def record_columns(self) -> list[str]:
-        return list(self._files[0].record_columns)
+        return list(self._record_specs)
+
+    def record_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of one row of record column ``name`` (``()`` for one value per row)."""
+        self._check_column(name)
+        return tuple(self._record_specs[name].shape)
 
     @property
     def source_names(self) -> list[str] | None:
@@ -156,9 +333,10 @@ class Run:
         """The run-level steps table: the columns of the rank with the most committed steps (normally rank 0), with
         ``n_samples`` and every ``sum_*`` column summed over ranks and ``residual_<k>`` made run-level (each file's
         residual covers only its own rank's values). ``row_start`` is left out: it is an offset into one file."""
-        if "steps" not in self._cache:
-            self._cache["steps"] = self._merged_steps()
-        return dict(self._cache["steps"])
+        return dict(self._cached("steps", self._merged_steps))
+
+    def _file_steps(self, i: int) -> _FileSteps:
+        return self._cached(("file_steps", i), lambda: _FileSteps.read(self._files[i]))
 
     def _merged_steps(self) -> dict[str, np.ndarray]:
         base = max(self._files, key=lambda f: f.committed_steps)
@@ -169,57 +347,87 @@ class Run:
         for k in (1, 2):
             name, values = f"residual_{k}", f"value_{k}"
             if name in table and values in self.record_columns:
-                others = [f for f in self._files if f is not base]
-                table[name] = table[name] + sum(
-                    (_per_step(numbers, f.record_column(values), f.record_column("step"), skip_nan=True)
-                     for f in others),
-                    np.zeros(len(numbers)),
-                )
+                others = [i for i, f in enumerate(self._files) if f is not base]
+                table[name] = table[name] + sum((self._streamed_per_step(i, values, numbers) for i in others),
+                                                np.zeros(len(numbers)))
         return {name: _read_only(np.asarray(a)) for name, a in table.items()}
 
+    def _streamed_per_step(self, i: int, column: str, numbers: np.ndarray) -> np.ndarray:
+        """Sum of record column ``column`` of file ``i`` per step number in ``numbers`` (NaN counted as 0)."""
+        f, steps = self._files[i], self._file_steps(i)
+        out = np.zeros(len(numbers))
+        for start in range(0, f.committed_rows, BLOCK_ROWS):
+            values = np.nan_to_num(f.record_column(column, start, start + BLOCK_ROWS))
+            pos, found = _positions(numbers, steps.numbers[steps.rows_to_steps(start, start + values.size)])
+            np.add.at(out, pos[found], values[found])
+        return out
+
+    def iter_records(self, columns: Sequence[str] | None = None,
+                     block_rows: int = BLOCK_ROWS) -> Iterator[dict[str, np.ndarray]]:
+        """The records table of all ranks (rank 0's rows first) in blocks of at most ``block_rows`` rows, each a
+        dict of arrays; ``"rank"`` gives each row's rank. Memory: one block, whatever the size of the run."""
+        names = list(columns) if columns is not None else self.record_columns
+        for name in names:
+            if name != "rank":
+                self._check_column(name)
+        for f in self._files:
+            for start in range(0, f.committed_rows, block_rows):
+                stop = min(start + block_rows, f.committed_rows)
+                yield {name: np.full(stop - start, f.rank, np.int32) if name == "rank"
+                       else f.record_column(name, start, stop) for name in names}
+
     def records(self, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The raw records table of all ranks (rank 0's rows first), as a dict of arrays.
+        """The raw records table of all ranks (rank 0's rows first), as a dict of whole arrays.
 
         ``columns``: the record columns to read (default all); the extra name ``"rank"`` gives each row's rank.
-        One-value-per-row columns come back read-only (they are cached); copy them to modify.
+        This loads whole columns (memory grows with the rows): use ``iter_records`` or the aggregates on big runs.
         """
         names = list(columns) if columns is not None else self.record_columns
-        return {name: self._column(name) for name in names}
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for block in self.iter_records(names):
+            for name in names:
+                parts[name].append(block[name])
+        return {name: np.concatenate(p) if p else self._empty(name) for name, p in parts.items()}
 
-    def _column(self, name: str) -> np.ndarray:
-        """Record column ``name`` over all ranks. One-value-per-row columns are cached (and read-only)."""
-        key = ("records", name)
-        if key in self._cache:
-            return self._cache[key]
+    def _empty(self, name: str) -> np.ndarray:
         if name == "rank":
-            array = np.concatenate([np.full(f.committed_rows, f.rank, np.int32) for f in self._files])
-        else:
-            self._check_column(name)
-            array = np.concatenate([f.record_column(name) for f in self._files])
-        if array.ndim == 1:
-            self._cache[key] = _read_only(array)
-        return array
+            return np.zeros(0, np.int32)
+        spec = self._record_specs[name]
+        return np.zeros((0, *spec.shape), spec.dtype)
 
     def _check_column(self, name: str) -> None:
-        if name not in self._files[0].record_columns:
+        if name not in self._record_specs:
             raise KeyError(f"this run has no record column {name!r}; its columns are {self.record_columns}")
 
-    def _per_record_step_column(self, name: str) -> np.ndarray:
-        """Step column ``name`` repeated for each record of the step (all ranks, record order)."""
-        return np.concatenate(
-            [np.repeat(f.step_column(name), f.step_column("n_samples")) for f in self._files]
-        )
+    def _blocks(self, columns: Sequence[str]) -> Iterator[tuple[int, int, int, dict[str, np.ndarray]]]:
+        """``(file index, start row, stop row, block)`` over all committed records."""
+        for i, f in enumerate(self._files):
+            for start in range(0, f.committed_rows, BLOCK_ROWS):
+                stop = min(start + BLOCK_ROWS, f.committed_rows)
+                yield i, start, stop, {name: f.record_column(name, start, stop) for name in columns}
 
     @property
     def sample_ids(self) -> np.ndarray:
         """The distinct sample ids seen in the run, ascending."""
-        return self._id_index()[0]
+        return self._id_index().ids
 
-    def _id_index(self) -> tuple[np.ndarray, np.ndarray]:
-        if "id_index" not in self._cache:
-            ids, inverse = _unique_inverse(self._column("sample_id"))
-            self._cache["id_index"] = (_read_only(ids), _read_only(inverse))
-        return self._cache["id_index"]
+    def _id_index(self) -> IdIndex:
+        def blocks() -> Iterator[np.ndarray]:
+            return (block["sample_id"] for *_, block in self._blocks(["sample_id"]))
+
+        return self._cached("id_index", lambda: IdIndex.build(blocks))
+
+    def sample_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, occurrences)``: how many records each sample id has (every epoch, every rank)."""
+        index = self._id_index()
+
+        def count() -> np.ndarray:
+            counts = np.zeros(index.ids.size, np.int64)
+            for *_, block in self._blocks(["sample_id"]):
+                np.add.at(counts, index.positions(block["sample_id"]), 1)
+            return _read_only(counts)
+
+        return index.ids, self._cached(("counts",), count)
 
     # -- values -----------------------------------------------------------------------------------------------------
 
@@ -230,93 +438,132 @@ class Run:
         Each occurrence (every epoch, every rank) counts; records whose value is NaN (not recorded) are left out.
         ``normalize``: "none" (sum), "lr" (each record divided by its step's learning rate), "grad_norm" (each
         record divided by the sample's gradient norm: cosine-style), "count" (mean per recorded occurrence).
-        ``per_val``: sum the per-validation-point column ``value_<order>_per_val`` instead -> values [n_ids, n_val].
+        ``per_val``: sum the per-validation-point column ``value_<order>_per_val`` instead -> values [n_ids, n_val]
+        (see ``val_point_values``).
         """
-        ids, inverse = self._id_index()
         if per_val:
-            return ids, self._per_val_sums(order, normalize, inverse, len(ids))
-        values, recorded = self._record_values(order, normalize)
-        sums = np.bincount(inverse, weights=values, minlength=len(ids))
-        if normalize == "count":
-            sums = _mean(sums, np.bincount(inverse, weights=recorded, minlength=len(ids)))
-        return ids, sums
+            return self.val_point_values(order, normalize)
+        self._check_normalize(normalize)
+        self._check_recorded(order)
+        index = self._id_index()
+        sums = self._cached(("sums", order, normalize), lambda: self._sums(order, normalize, index), keep=2)
+        return index.ids, sums
+
+    def val_point_values(self, order: int = 1, normalize: str = "none") -> tuple[np.ndarray, np.ndarray]:
+        """In-run values per validation point: ``(ids, values)`` with ``values[i, j]`` the value of sample
+        ``ids[i]`` for validation point ``j``, summed over its occurrences (``normalize`` as in ``sample_values``).
+
+        Needs a run recorded with ``per_val_point=True`` (order 2 also with ``shapley='second'``). The row mean
+        over validation points is ``sample_values(order)``. Memory: ``n_ids x n_val`` float64, streamed rows.
+        """
+        self._check_normalize(normalize)
+        self._check_recorded(order)
+        name = f"{self._value_column_name(order)}_per_val"
+        if name not in self._record_specs:
+            raise ValueError(f"this run recorded no per-validation-point values of order {order} (no column "
+                             f"{name!r}); record them with per_val_point=True"
+                             + (" and shapley='second'" if order == 2 else ""))
+        index = self._id_index()
+        sums = self._cached(("sums", order, normalize, "per_val"),
+                            lambda: self._per_val_sums(name, normalize, index), keep=2)
+        return index.ids, sums
 
     def _value_column_name(self, order: int) -> str:
         if order not in (1, 2):
             raise ValueError(f"order must be 1 (first-order values) or 2 (second-order values), not {order!r}")
         return f"value_{order}"
 
-    def _check_recorded(self, order: int) -> np.ndarray:
-        """The raw value column of ``order``, after checking that the run recorded it."""
+    def _check_normalize(self, normalize: str) -> None:
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
+
+    def _check_recorded(self, order: int) -> str:
+        """The value column of ``order``, after checking that the run recorded it (a streamed scan, kept)."""
         name = self._value_column_name(order)
         what = "first-order" if order == 1 else "second-order"
         how = "shapley='first' or 'second'" if order == 1 else "shapley='second'"
         if name not in self.record_columns:
             raise ValueError(f"this run recorded no {what} values (no column {name!r}); record them with {how}")
-        values = self._column(name)
-        if values.size and np.isnan(values).all():
+        if self.num_records and not self._cached(("any", name), lambda: self._any_value(name)):
             raise ValueError(f"this run recorded no {what} values (all NaN); record them with {how}")
-        return values
+        return name
 
-    def _record_weights(self, normalize: str) -> np.ndarray | None:
-        """Per-record factor of a normalisation (None: 1). Zero learning rates / gradient norms give weight 0."""
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
+    def _any_value(self, name: str) -> bool:
+        return any(not np.isnan(block[name]).all() for *_, block in self._blocks([name]))
+
+    def _weights(self, normalize: str, i: int, start: int, stop: int, block: dict) -> np.ndarray | None:
+        """Per-record factor of a normalisation for rows ``start:stop`` of file ``i`` (None: 1)."""
         if normalize == "lr":
-            return _inverse_or_zero(self._per_record_step_column("lr"))
+            steps = self._file_steps(i)
+            if steps.lr is None:
+                raise ValueError("normalize='lr' needs the steps table's 'lr' column, which this run lacks")
+            return _inverse_or_zero(steps.lr[steps.rows_to_steps(start, stop)])
         if normalize == "grad_norm":
-            norms_sq = self._column("grad_norm_sq")
-            if norms_sq.size and np.isnan(norms_sq).all():
-                raise ValueError("normalize='grad_norm' needs gradient norms, but this run recorded none (all NaN)")
-            return _inverse_or_zero(np.sqrt(norms_sq))
+            return _inverse_or_zero(np.sqrt(block["grad_norm_sq"]))
         return None
 
-    def _record_values(self, order: int, normalize: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per-record values after normalisation, 0 where not recorded, and the 0/1 'recorded' mask."""
-        values = self._check_recorded(order)
-        weights = self._record_weights(normalize)
-        if weights is not None:
-            values = values * weights
-        recorded = ~np.isnan(values)
-        return np.where(recorded, values, 0.0), recorded.astype(np.float64)
+    def _norm_columns(self, normalize: str) -> list[str]:
+        if normalize != "grad_norm":
+            return []
+        if "grad_norm_sq" not in self._record_specs or not self._cached(("any", "grad_norm_sq"),
+                                                                         lambda: self._any_value("grad_norm_sq")):
+            raise ValueError("normalize='grad_norm' needs gradient norms, but this run recorded none (all NaN)")
+        return ["grad_norm_sq"]
 
-    def _per_val_sums(self, order: int, normalize: str, inverse: np.ndarray, n_ids: int) -> np.ndarray:
-        self._check_recorded(order)
-        name = f"{self._value_column_name(order)}_per_val"
-        self._check_column(name)
-        weights = self._record_weights(normalize)
-        n_val = self._files[0].record_columns[name].shape[0]
-        sums, counts = np.zeros((n_ids, n_val)), np.zeros((n_ids, n_val))
-        offset = 0
-        for f in self._files:
-            for start in range(0, f.committed_rows, BLOCK_ROWS):
-                block = f.record_column(name, start, start + BLOCK_ROWS).astype(np.float64)
-                rows = slice(offset + start, offset + start + len(block))
-                if weights is not None:
-                    block *= weights[rows, None]
-                recorded = ~np.isnan(block)
-                np.add.at(sums, inverse[rows], np.where(recorded, block, 0.0))
-                np.add.at(counts, inverse[rows], recorded)
-            offset += f.committed_rows
-        return _mean(sums, counts) if normalize == "count" else sums
+    def _values_blocks(self, name: str, normalize: str,
+                       extra: Sequence[str] = ()) -> Iterator[tuple[int, int, np.ndarray, dict]]:
+        """``(file, start, values, block)``: values of column ``name`` after normalisation (NaN: not recorded)."""
+        columns = [name, *self._norm_columns(normalize), *extra]
+        for i, start, stop, block in self._blocks(list(dict.fromkeys(columns))):
+            values = block[name].astype(np.float64)
+            weights = self._weights(normalize, i, start, stop, block)
+            if weights is not None:
+                values *= weights if values.ndim == 1 else weights[:, None]
+            yield i, start, values, block
+
+    def _sums(self, order: int, normalize: str, index: IdIndex) -> np.ndarray:
+        n = index.ids.size
+        sums = np.zeros(n)
+        counts = np.zeros(n) if normalize == "count" else None
+        for _, _, values, block in self._values_blocks(f"value_{order}", normalize, ["sample_id"]):
+            recorded = ~np.isnan(values)
+            pos = index.positions(block["sample_id"][recorded])
+            np.add.at(sums, pos, values[recorded])
+            if counts is not None:
+                np.add.at(counts, pos, 1.0)
+        return _read_only(_mean(sums, counts) if counts is not None else sums)
+
+    def _per_val_sums(self, name: str, normalize: str, index: IdIndex) -> np.ndarray:
+        n_val = self._record_specs[name].shape[0]
+        sums = np.zeros((n_val, index.ids.size))
+        counts = np.zeros((n_val, index.ids.size)) if normalize == "count" else None
+        for _, _, values, block in self._values_blocks(name, normalize, ["sample_id"]):
+            pos = index.positions(block["sample_id"])
+            for j in range(n_val):
+                recorded = ~np.isnan(values[:, j])
+                np.add.at(sums[j], pos[recorded], values[recorded, j])
+                if counts is not None:
+                    np.add.at(counts[j], pos[recorded], 1.0)
+        return _read_only((_mean(sums, counts) if counts is not None else sums).T)
 
     def step_values(self, t: int, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, values)`` of optimizer step ``t``'s batch, all ranks concatenated (rank 0 first), record order."""
+        """``(ids, values)`` of optimizer step ``t``'s batch, all ranks concatenated (rank 0 first), record order.
+
+        O(1) per call: each file's steps are indexed by step number once; only the step's rows are read."""
         name = self._value_column_name(order)
-        if name not in self.record_columns:
+        if name not in self._record_specs:
             self._check_recorded(order)  # raises a clear error
-        ids, values, found = [], [], False
-        for f in self._files:
-            numbers = f.step_column("step")
-            i = int(np.searchsorted(numbers, t))
-            if i == len(numbers) or numbers[i] != t:
+        ids, values = [], []
+        for i, f in enumerate(self._files):
+            steps = self._file_steps(i)
+            row = steps.find(int(t))
+            if row is None:
                 continue
-            found = True
-            start = int(f.step_column("row_start")[i])
-            stop = start + int(f.step_column("n_samples")[i])
+            start = int(steps.row_start[row])
+            stop = start + int(steps.n_samples[row])
             ids.append(f.record_column("sample_id", start, stop))
             values.append(f.record_column(name, start, stop))
-        if not found:
+        if not ids:
             raise KeyError(f"step {t} was not recorded; this run recorded {self.num_steps} steps "
                            f"(numbers {self._step_range()})")
         ids_all, values_all = np.concatenate(ids), np.concatenate(values)
@@ -336,47 +583,57 @@ class Run:
         """
         if window < 1:
             raise ValueError(f"window must be >= 1 step, got {window}")
-        values, recorded = self._record_values(order, normalize)
-        phase = self._column("step") // window
+        self._check_normalize(normalize)
+        name = self._check_recorded(order)
         n_phases = self._num_phases(window)
         starts = np.arange(n_phases, dtype=np.int64) * window
+        sources = np.zeros(0, np.int64)  # source labels seen, ascending (one row of `sums` each)
+        sums, counts = np.zeros((0, n_phases)), np.zeros((0, n_phases))
+        for i, start, values, block in self._values_blocks(name, normalize, ["source"] if by_source else []):
+            steps = self._file_steps(i)
+            phase = steps.numbers[steps.rows_to_steps(start, start + values.size)] // window
+            recorded = ~np.isnan(values)
+            phase, values = phase[recorded], values[recorded]
+            label = block["source"][recorded].astype(np.int64) if by_source else np.zeros(values.size, np.int64)
+            seen = np.unique(label)
+            if not np.isin(seen, sources).all():  # new labels: grow the table, keep rows in label order
+                grown = np.union1d(sources, seen)
+                sums, counts = (_grow_rows(a, np.searchsorted(grown, sources), grown.size) for a in (sums, counts))
+                sources = grown
+            key = np.searchsorted(sources, label) * n_phases + phase
+            np.add.at(sums.reshape(-1), key, values)
+            np.add.at(counts.reshape(-1), key, 1.0)
         if not by_source:
-            sums = np.bincount(phase, weights=values, minlength=n_phases)
-            counts = np.bincount(phase, weights=recorded, minlength=n_phases)
-            return PhaseValues(window, starts, _finish(sums, counts, normalize), counts)
-        source_ids, names = self._source_labels()
-        key = phase * len(source_ids) + np.searchsorted(source_ids, self._column("source"))
-        size = n_phases * len(source_ids)
-        sums = np.bincount(key, weights=values, minlength=size).reshape(n_phases, len(source_ids))
-        counts = np.bincount(key, weights=recorded, minlength=size).reshape(n_phases, len(source_ids))
-        return PhaseValues(window, starts, _finish(sums, counts, normalize), counts, source_ids, names)
+            total = sums[0] if sources.size else np.zeros(n_phases)
+            count = counts[0] if sources.size else np.zeros(n_phases)
+            return PhaseValues(window, starts, _finish(total, count, normalize), count)
+        names = self.source_names or []
+        source_ids = np.union1d(np.arange(len(names)), sources).astype(np.int64)
+        labels = [names[s] if 0 <= s < len(names) else UNLABELLED if s == -1 else f"source {s}"
+                  for s in source_ids.tolist()]
+        rows = np.searchsorted(sources, source_ids)
+        present = np.isin(source_ids, sources)
+        table, count = np.zeros((n_phases, source_ids.size)), np.zeros((n_phases, source_ids.size))
+        table[:, present], count[:, present] = sums[rows[present]].T, counts[rows[present]].T
+        return PhaseValues(window, starts, _finish(table, count, normalize), count, source_ids, labels)
 
     def _num_phases(self, window: int) -> int:
         last = max((int(f.step_column("step")[-1]) for f in self._files if f.committed_steps), default=-1)
         return last // window + 1
 
-    def _source_labels(self) -> tuple[np.ndarray, list[str]]:
-        """Source ids to report (every named source, plus any other id present) and their names."""
-        names = self.source_names or []
-        ids = np.union1d(np.arange(len(names)), self._column("source")).astype(np.int64)
-        labels = [names[s] if 0 <= s < len(names) else UNLABELLED if s == -1 else f"source {s}" for s in ids.tolist()]
-        return ids, labels
-
     def top_k(self, k: int, order: int = 1, normalize: str = "none") -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` samples with the highest values, best first: ``(ids, values)`` (ties: lower id first)."""
+        """The ``k`` samples with the highest values, best first: ``(ids, values)`` (ties: lower id first).
+
+        A partial selection (``np.argpartition``) over the per-id sums, then a sort of the ``k`` picked."""
         ids, values = self.sample_values(order, normalize)
-        key = np.where(np.isnan(values), -np.inf, values)
-        pick = np.argsort(-key, kind="stable")[: _check_k(k)]
+        pick = _best(np.where(np.isnan(values), -np.inf, values), _check_k(k))
         return ids[pick], values[pick]
 
     def bottom_k(self, k: int, order: int = 1, normalize: str = "none") -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` samples with the lowest values, worst first: ``(ids, values)`` (ties: lower id first)."""
         ids, values = self.sample_values(order, normalize)
-        key = np.where(np.isnan(values), np.inf, values)
-        pick = np.argsort(key, kind="stable")[: _check_k(k)]
+        pick = _best(-np.where(np.isnan(values), np.inf, values), _check_k(k))
         return ids[pick], values[pick]
-
-    # -- closing ----------------------------------------------------------------------------------------------------
 
     # -- answers for test points chosen after training -------------------------------------------------------------
 
@@ -389,6 +646,8 @@ class Run:
         """First- and second-order In-Run Shapley values for test points chosen after training (from projected
         gradients and model checkpoints); see :func:`inrun.posthoc.posthoc_values`."""
         return _posthoc().posthoc_values(self, model, loss_fn, test_batch, **options)
+
+    # -- closing ----------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close every rank file (the ``Run`` is unusable afterwards)."""
@@ -407,6 +666,26 @@ class Run:
                 f"num_steps={self.num_steps}, num_records={self.num_records})")
 
 
+def _grow_rows(table: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """``table`` with its rows moved to ``rows`` of a zero table of ``n`` rows."""
+    grown = np.zeros((n, *table.shape[1:]), table.dtype)
+    grown[rows] = table
+    return grown
+
+
+def _best(key: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest ``key`` values, largest first, ties by lower position (= lower id)."""
+    n = key.size
+    if k >= n:
+        return np.argsort(-key, kind="stable")
+    if k == 0:
+        return np.zeros(0, np.intp)
+    kth = key[np.argpartition(-key, k - 1)[k - 1]]
+    above = np.flatnonzero(key > kth)
+    pick = np.concatenate([above, np.flatnonzero(key == kth)[: k - above.size]])
+    return pick[np.lexsort((pick, -key[pick]))]
+
+
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
@@ -416,18 +695,6 @@ def _posthoc():
     import importlib
 
     return importlib.import_module("inrun.posthoc")
-
-
-def _unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(ids, return_inverse=True)``, in O(n) by counting when ids are small non-negative integers
-    (dataset indices, the usual case)."""
-    if ids.size and ids.min() >= 0 and ids.max() < 2 * ids.size + (1 << 20):
-        present = np.bincount(ids) > 0
-        unique = np.flatnonzero(present)
-        lookup = np.cumsum(present) - 1
-        return unique.astype(ids.dtype), lookup[ids]
-    unique, inverse = np.unique(ids, return_inverse=True)
-    return unique, inverse.reshape(-1)
 
 
 def _per_step(numbers: np.ndarray, values: np.ndarray, steps: np.ndarray, skip_nan: bool = False) -> np.ndarray:
@@ -479,4 +746,4 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
-__all__ = ["open_run", "find_rank_files", "Run", "PhaseValues", "NORMALIZATIONS"]
+__all__ = ["open_run", "find_rank_files", "Run", "PhaseValues", "IdIndex", "NORMALIZATIONS"]
