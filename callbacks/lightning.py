@@ -108,6 +108,7 @@ class InRunCallback(L.Callback):
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_started = False
         loss_fn = self.loss_fn
         if loss_fn is None:
             if not callable(getattr(pl_module, "per_sample_loss", None)):
@@ -154,6 +155,7 @@ class InRunCallback(L.Callback):
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_started = True
         if self._restored is not None:
             state = self._own_state(trainer.global_rank)
             if state.get("world_size", trainer.world_size) != trainer.world_size:
@@ -197,6 +199,13 @@ class InRunCallback(L.Callback):
         if self.recorder is not None:
             with self._gathered():
                 self.recorder.close(final=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume from the final checkpoint has no step left, and Lightning then skips on_train_start/_end; the
+        # last step, which waits in that checkpoint for the validation loss after it, is written here.
+        if self.recorder is not None and self._restored is not None and not getattr(self, "_train_started", True):
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.recorder is not None and self.recorder.writer is not None:

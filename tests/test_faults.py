@@ -520,3 +520,37 @@ def test_reader_polling_a_live_training_run_sees_only_whole_committed_steps(tmp_
     assert child.returncode == 0
     assert cli_ran and live_polls >= 5 and len(set(seen)) >= 3, (seen, live_polls)
     assert_same_as_reference(path, reference_run, 12)
+
+
+def test_lightning_resume_from_the_final_checkpoint_writes_the_last_step(tmp_path):
+    """Lightning skips on_train_start/_end when a resume has no step left; the callback still completes the store
+    (the values of such a completed step are checked exactly against an uninterrupted run above)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_callback import STEPS_PER_EPOCH, VAL, Net, loader, make_trainer
+
+    from inrun.callbacks import InRunCallback
+
+    torch.set_num_threads(1)
+
+    class CrashAfterTheFinalCheckpoint(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            raise RuntimeError("crash before the store is closed")
+
+    path, epochs = tmp_path / "run.h5", 2
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_epochs=1, save_on_train_epoch_end=True,
+                                  save_top_k=-1)
+    with pytest.raises(RuntimeError, match="crash before the store is closed"):
+        make_trainer([CrashAfterTheFinalCheckpoint(), InRunCallback(path, val_data=VAL), checkpoints],
+                     max_epochs=epochs).fit(Net("sgd"), loader())
+    with inrun.open_run(path) as run:
+        assert run.num_steps == epochs * STEPS_PER_EPOCH - 1  # the last step waits in the final checkpoint
+    final = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1]
+    make_trainer([InRunCallback(path, val_data=VAL)], max_epochs=epochs).fit(
+        Net("sgd"), loader(), ckpt_path=final, weights_only=True)
+    with inrun.open_run(path) as run:
+        steps = run.steps
+        assert list(steps["step"]) == list(range(epochs * STEPS_PER_EPOCH))
+        assert np.isfinite(steps["val_loss_after"]).all() and np.isfinite(run.records()["value_1"]).all()
+    assert is_compressed(path)
