@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import inrun
-from inrun import BatchMismatchError, InRunRecorder, InvalidArgumentError, UnsupportedOptimizerError
+from inrun import BatchMismatchError, InRunRecorder, InvalidArgumentError, LossShapeError, UnsupportedOptimizerError
 from inrun.callbacks import InRunCallback
 from inrun.cli import summary_lines
 
@@ -183,6 +183,7 @@ START_CASES = {
     "val-loss-nan": (dict(loss_fn=nan_loss), InvalidArgumentError, "validation loss at the initial parameters"),
     "val-loss-empty": (dict(loss_fn=lambda m, b: loss_fn(m, b)[:0]), InvalidArgumentError, "0 validation losses"),
     "val-structure": (dict(val_data={"x": VAL["x"]}), BatchMismatchError, "the validation data does not fit"),
+    "val-loss-reduced": (dict(loss_fn=lambda m, b: loss_fn(m, b).mean()), LossShapeError, "use reduction='none'"),
     "val-labels-out-of-range": (dict(val_data={"x": VAL["x"], "y": VAL["y"] + 7}), BatchMismatchError,
                                 "the validation data does not fit"),
 }
@@ -219,6 +220,8 @@ BATCH_CASES = {
     "index-negative": (_with(torch.tensor([0, -1, 2, 3])), InvalidArgumentError, "must be >= 0, got [-1]"),
     "index-beyond-int64": (_with([0, 1, 2, 2**63]), InvalidArgumentError, "outside the int64 range"),
     "index-numpy-float": (_with(np.array([0.0, 1.0, 2.0, 3.0])), InvalidArgumentError, "numpy float64"),
+    "index-uint64-beyond-int64": (_with(torch.tensor([0, 1, 2, 2**63], dtype=torch.uint64)), InvalidArgumentError,
+                                  "above the int64 range"),
     "index-too-few": (_with(torch.tensor([0, 1, 2])), BatchMismatchError, "3 sample indices"),
     "index-too-many": (_with(torch.arange(5)), BatchMismatchError, "5 sample indices"),
     "index-missing": ({"x": X[:4], "y": Y[:4]}, BatchMismatchError, "dataset index of each sample"),
@@ -463,3 +466,36 @@ def test_lightning_fit_with_an_empty_batch_and_embeddings_only(tmp_path):
         assert run.config["has_validation_data"] is False
         assert run.records(columns=["proj_grad"])["proj_grad"].shape[0] == 8
         assert math.isnan(float(run.steps["val_loss"][1]))
+
+
+class StubEngine:
+    """What ``DeepSpeedAdapter`` reads of a ZeRO-0 engine in one process (no DeepSpeed needed)."""
+
+    mp_world_size, pipeline_parallelism, dp_world_size = 1, False, 1
+
+    def __init__(self, optimizer):
+        self.basic_optimizer = optimizer
+
+    def zero_optimization(self):
+        return False
+
+    def gradient_clipping(self):
+        return 0.0
+
+
+def test_deepspeed_adapter_refuses_an_unknown_optimizer_unless_a_rule_is_named(tmp_path):
+    """DeepSpeedInRun and Lightning's DeepSpeed strategy call ``prepare`` while setting up, before any step."""
+    from inrun.callbacks.deepspeed_engine import DeepSpeedAdapter
+
+    model = make_model()
+    adapter = DeepSpeedAdapter(StubEngine(torch.optim.NAdam(model.parameters())))
+    recorder = InRunRecorder(model, tmp_path / "run.h5", **RECORDER_DEFAULTS)
+    with pytest.raises(UnsupportedOptimizerError, match="NAdam"):
+        adapter.prepare(recorder)
+    named = InRunRecorder(model, tmp_path / "run.h5", **RECORDER_DEFAULTS, update_rule="adam")
+    adapter.prepare(named)
+    assert adapter.rule == "adam"
+    adapter = DeepSpeedAdapter(StubEngine(torch.optim.RMSprop(model.parameters())))
+    adapter.prepare(recorder)
+    assert adapter.rule == "rmsprop"
+    assert_nothing_written(tmp_path)

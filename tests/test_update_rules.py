@@ -299,3 +299,13 @@ def test_recorded_values_of_rmsprop_and_adagrad_match_an_independent_replay(tmp_
         for t, reference in enumerate(expected):
             _, values = run.step_values(t)
             torch.testing.assert_close(torch.as_tensor(values), reference, rtol=1e-9, atol=1e-12)
+
+
+def test_lightning_optimizer_wrapper_is_looked_through():
+    """Lightning's LightningOptimizer is a dynamic subclass of the optimizer it wraps: the wrapped one decides."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert resolve_rule(LightningOptimizer(torch.optim.AdamW(p))) == "adamw"
+    with pytest.raises(UnsupportedOptimizerError, match="NAdam"):
+        resolve_rule(LightningOptimizer(torch.optim.NAdam(p)))

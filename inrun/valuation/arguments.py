@@ -263,6 +263,8 @@ def _integer_tensor(value: Any, what: str, fix: str) -> Tensor:
             raise InvalidArgumentError(f"{what} must be integers, got a {value.dtype} tensor {_shown(value)}; {fix}")
         if value.device.type == "meta":
             raise InvalidArgumentError(f"{what} is a tensor on the 'meta' device (no values); {fix}")
+        if value.dtype == getattr(torch, "uint64", None):  # above 2**63 - 1 it would wrap to negative ids
+            return _integer_tensor(value.detach().cpu().numpy(), what, fix)
         return value.detach().reshape(-1).to("cpu", torch.int64)
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "u" and value.size and int(value.max()) > INT64_MAX:

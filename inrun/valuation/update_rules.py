@@ -63,7 +63,9 @@ def rule_name(optimizer: torch.optim.Optimizer) -> str:
     """The update rule of ``optimizer`` (a key of :data:`SUPPORTED_RULES`), or ``"unsupported:<Class>"``.
 
     Looked up by exact class: a subclass may override ``step`` and is not assumed to update like its parent.
+    A wrapper that keeps the real optimizer in ``_optimizer`` (Lightning's ``LightningOptimizer``) is looked through.
     """
+    optimizer = _unwrapped(optimizer)
     cls = type(optimizer)
     if cls is torch.optim.Adam:
         return "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
@@ -72,6 +74,11 @@ def rule_name(optimizer: torch.optim.Optimizer) -> str:
     if hasattr(optimizer, "adam_w_mode"):  # DeepSpeed's FusedAdam and DeepSpeedCPUAdam
         return "adamw" if optimizer.adam_w_mode else "adam"
     return f"{UNSUPPORTED_PREFIX}{cls.__name__}"
+
+
+def _unwrapped(optimizer):
+    inner = getattr(optimizer, "_optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
 def check_rule_name(update_rule: str | None, argument: str = "update_rule") -> str | None:
@@ -97,7 +104,7 @@ def resolve_rule(optimizer: torch.optim.Optimizer, update_rule: str | None = Non
         return update_rule  # type: ignore[return-value]
     rule = rule_name(optimizer)
     if rule.startswith(UNSUPPORTED_PREFIX):
-        cls = type(optimizer)
+        cls = type(_unwrapped(optimizer))
         parent = next((base.__name__ for base in cls.__mro__[1:] if base in _RULE_OF_CLASS or base is torch.optim.Adam),
                       None)
         why = (f"it subclasses {parent}, and a subclass may change the step" if parent is not None
