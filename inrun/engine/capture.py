@@ -283,7 +283,7 @@ class GradientCapture:
         def pre_hook(module: nn.Module, args: tuple) -> None:
             if not self.enabled or not torch.is_grad_enabled():
                 return
-            saved.append(_rng_state(args))
+            saved[:] = [_rng_state(args)]  # one pending call per module (a failed forward leaves nothing stale)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output):
             rng = saved.pop() if saved else None
