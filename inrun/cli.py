@@ -2,13 +2,12 @@
 
 ``report`` prints a summary of a recorded run (steps, samples, coverage, top and bottom samples, a per-phase table)
 and writes a PNG plot of influence over training, per phase and per source. ``export`` writes the per-sample values
-as CSV and ``.npz`` for use anywhere.
+as CSV and ``.npz``, the records and steps as Parquet, and the per-validation-point matrix, all streamed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -98,6 +97,9 @@ def posthoc_lines(run: Run, top: int) -> list[str]:
     kinds, counts = np.unique([note.split(" (")[0] for note in result.approximation], return_counts=True)
     lines = [f"post-hoc       {result.first.shape[1]} test points from {path.name}; test gradients at: "
              + ", ".join(f"{kind} ({count} steps)" for kind, count in zip(kinds, counts))]
+    fallback = result.fallback_note()
+    if fallback is not None:
+        lines.append(f"post-hoc       {fallback}")
     for order in (1, 2):
         summed = result.summed(order)
         best, worst = np.argsort(summed)[::-1][:top], np.argsort(summed)[:top]
@@ -130,7 +132,7 @@ def plot(run: Run, png: Path, phase_length: int | None = None) -> Path:
         phases = run.phase_values(window=window, order=order, by_source=by_source)
         table = phases.values if phases.values.ndim == 2 else phases.values[:, None]
         labels = phases.source_names or ["all samples"]
-        counts = _phase_counts(run, window, by_source)
+        counts = phases.counts if phases.counts.ndim == 2 else phases.counts[:, None]
         for k, label in enumerate(labels):
             if counts[:, k].sum() == 0:
                 continue
@@ -162,19 +164,6 @@ def plot(run: Run, png: Path, phase_length: int | None = None) -> Path:
     return png
 
 
-def _phase_counts(run: Run, window: int, by_source: bool) -> np.ndarray:
-    """Occurrences per phase (and source): the denominators of per-sample means."""
-    records = run.records(columns=["step", "source"])
-    phase = records["step"] // window
-    n_phases = int(phase.max()) + 1 if phase.size else 0
-    n_phases = max(n_phases, len(run.phase_values(window=window).phase_starts))
-    if not by_source:
-        return np.bincount(phase, minlength=n_phases)[:, None].astype(float)
-    n_sources = len(run.source_names or [])
-    flat = phase * n_sources + np.clip(records["source"], 0, None)
-    return np.bincount(flat, minlength=n_phases * n_sources).reshape(n_phases, n_sources).astype(float)
-
-
 def write_report(path: str | Path, png: str | Path | None = None, top: int = 5, phase_length: int | None = None) -> None:
     """Print the report of the run at ``path`` and write its plot (default: next to the store, ``.png``)."""
     with open_run(path) as run:
@@ -184,23 +173,136 @@ def write_report(path: str | Path, png: str | Path | None = None, top: int = 5, 
         print(f"plot           {plot(run, target, phase_length)}")
 
 
-def export(path: str | Path, csv_path: str | Path | None, npz_path: str | Path | None) -> None:
-    """Write per-sample run values (orders recorded, occurrences) as CSV and/or ``.npz``."""
+EXPORT_ROWS = 1 << 20  # rows per written chunk / Parquet row group: memory stays one chunk, whatever the run
+
+
+def sample_table(run: Run) -> dict[str, np.ndarray]:
+    """Per-sample columns (ids ascending): ``sample_id``, ``value_<order>`` of each recorded order, ``occurrences``.
+    Memory grows with the distinct ids only."""
+    ids, occurrences = run.sample_counts()
+    columns = {"sample_id": ids}
+    for order in _orders(run):
+        columns[f"value_{order}"] = run.sample_values(order=order)[1]
+    columns["occurrences"] = occurrences
+    return columns
+
+
+def export(path: str | Path, csv_path: str | Path | None = None, npz_path: str | Path | None = None,
+           parquet_dir: str | Path | None = None, val_points: str | Path | None = None) -> None:
+    """Write per-sample run values (orders recorded, occurrences) as CSV and/or ``.npz``; with ``parquet_dir`` the
+    per-sample, records, steps and sources tables as Parquet files; with ``val_points`` the per-validation-point
+    matrix (``.npz`` or ``.parquet``). Everything is streamed in chunks of ``EXPORT_ROWS`` rows."""
     with open_run(path) as run:
-        ids = run.sample_ids
-        columns = {"sample_id": ids}
-        for order in _orders(run):
-            columns[f"value_{order}"] = run.sample_values(order=order)[1]
-        _, columns["occurrences"] = np.unique(run.records(columns=["sample_id"])["sample_id"], return_counts=True)
-        if npz_path:
-            np.savez(npz_path, **columns)
-            print(f"wrote {npz_path}")
-        if csv_path:
-            with open(csv_path, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(list(columns))
-                writer.writerows(zip(*(np.asarray(c).tolist() for c in columns.values())))
-            print(f"wrote {csv_path}")
+        if csv_path or npz_path:
+            columns = sample_table(run)
+            if npz_path:
+                np.savez(npz_path, **columns)
+                print(f"wrote {npz_path}")
+            if csv_path:
+                write_csv(csv_path, columns)
+                print(f"wrote {csv_path}")
+        if parquet_dir:
+            for written in write_parquet(run, Path(parquet_dir)):
+                print(f"wrote {written}")
+        if val_points:
+            print(f"wrote {write_val_points(run, Path(val_points))}")
+
+
+def write_csv(path: str | Path, columns: dict[str, np.ndarray]) -> None:
+    """``columns`` (one value per row) as CSV, written chunk by chunk (pyarrow's writer when installed: floats in
+    shortest round-trip form either way)."""
+    names, n = list(columns), len(next(iter(columns.values()))) if columns else 0
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+    except ImportError:
+        pa = None
+    with open(path, "wb") as handle:
+        if pa is not None:
+            schema = pa.schema([(name, pa.from_numpy_dtype(np.asarray(c).dtype)) for name, c in columns.items()])
+            with pacsv.CSVWriter(handle, schema,
+                                 write_options=pacsv.WriteOptions(quoting_style="none")) as writer:
+                for start in range(0, n, EXPORT_ROWS):
+                    writer.write_batch(pa.record_batch([np.asarray(columns[name][start:start + EXPORT_ROWS])
+                                                        for name in names], schema=schema))
+                if n == 0:
+                    writer.write_table(schema.empty_table())
+            return
+        handle.write((",".join(names) + "\n").encode())
+        for start in range(0, n, EXPORT_ROWS):
+            parts = [[repr(x) for x in np.asarray(columns[name][start:start + EXPORT_ROWS]).tolist()] for name in names]
+            handle.write(("\n".join(map(",".join, zip(*parts))) + "\n").encode())
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("Parquet export needs pyarrow: pip install 'inrun[parquet]' (or pip install pyarrow)") \
+            from err
+    return pa, pq
+
+
+def _arrow_column(pa, array: np.ndarray):
+    """A numpy column as an Arrow array; a column of fixed-size rows becomes a fixed-size list."""
+    if array.ndim == 1:
+        return pa.array(array)
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), int(np.prod(array.shape[1:])))
+
+
+def _write_chunks(path: Path, chunks, schema=None) -> Path:
+    """Write an iterator of ``{name: array}`` chunks as one Parquet file, one row group per chunk."""
+    pa, pq = _pyarrow()
+    writer = None
+    try:
+        for chunk in chunks:
+            batch = pa.record_batch({name: _arrow_column(pa, a) for name, a in chunk.items()})
+            if writer is None:
+                writer = pq.ParquetWriter(path, batch.schema)
+            writer.write_batch(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    return path
+
+
+def _slices(columns: dict[str, np.ndarray]):
+    n = len(next(iter(columns.values())))
+    for start in range(0, max(n, 1), EXPORT_ROWS):
+        yield {name: a[start:start + EXPORT_ROWS] for name, a in columns.items()}
+
+
+def write_parquet(run: Run, folder: Path) -> list[Path]:
+    """``samples.parquet`` (per-sample values), ``records.parquet`` (every record: one-value columns, the
+    per-validation-point columns as fixed-size lists, and the rank), ``steps.parquet`` (the run-level steps table)
+    and ``sources.parquet`` (source id -> name), each streamed one row group per ``EXPORT_ROWS`` rows."""
+    _pyarrow()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [_write_chunks(folder / "samples.parquet", _slices(sample_table(run)))]
+    names = [c for c in run.record_columns if run.record_shape(c) == () or c.endswith("_per_val")] + ["rank"]
+    written.append(_write_chunks(folder / "records.parquet", run.iter_records(names, EXPORT_ROWS)))
+    written.append(_write_chunks(folder / "steps.parquet", _slices(run.steps)))
+    labels = run.source_names or []
+    sources = {"source": np.arange(-1, len(labels), dtype=np.int32),
+               "name": np.array(["unlabelled", *labels], dtype=object)}
+    written.append(_write_chunks(folder / "sources.parquet", _slices(sources)))
+    return written
+
+
+def write_val_points(run: Run, path: Path) -> Path:
+    """The per-validation-point matrices (``Run.val_point_values``) of every order recorded: ``.npz`` with
+    ``sample_id`` and ``value_<order>`` [n_ids, n_val], or ``.parquet`` with one fixed-size-list column per order."""
+    orders = [o for o in _orders(run) if f"value_{o}_per_val" in run.record_columns] or [1]
+    columns = {"sample_id": run.sample_ids}
+    for order in orders:
+        columns[f"value_{order}"] = run.val_point_values(order=order)[1]  # raises clearly when not recorded
+    if path.suffix == ".parquet":
+        return _write_chunks(path, _slices(columns))
+    if path.suffix != ".npz":
+        raise ValueError(f"--val-points must end in .npz or .parquet, got {path}")
+    np.savez(path, **columns)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,15 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     exporter.add_argument("run")
     exporter.add_argument("--csv", default=None)
     exporter.add_argument("--npz", default=None)
+    exporter.add_argument("--parquet", default=None, metavar="DIR",
+                          help="write samples/records/steps/sources .parquet files into DIR (needs pyarrow)")
+    exporter.add_argument("--val-points", default=None, metavar="PATH",
+                          help="the [n_ids, n_val] matrix of values per validation point (.npz or .parquet)")
     args = parser.parse_args(argv)
-    if args.command == "export" and not (args.csv or args.npz):
-        exporter.error("export needs --csv PATH and/or --npz PATH")
+    if args.command == "export" and not (args.csv or args.npz or args.parquet or args.val_points):
+        exporter.error("export needs --csv PATH, --npz PATH, --parquet DIR and/or --val-points PATH")
     try:
         _live_note(args.run)
         if args.command == "report":
             write_report(args.run, args.png, args.top, args.phase_length)
         else:
-            export(args.run, args.csv, args.npz)
+            export(args.run, args.csv, args.npz, args.parquet, args.val_points)
     except Exception as err:  # noqa: BLE001 -- one clear line per error; --debug shows where it came from
         if args.debug:
             raise

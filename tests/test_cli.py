@@ -34,7 +34,8 @@ def recorded(tmp_path_factory) -> str:
         return F.cross_entropy(m(b["x"]), b["y"], reduction="none")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, shapley="second", source_names=SOURCES)
+    recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, shapley="second", source_names=SOURCES,
+                             per_val_point=True)
     recorder.start()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,6 +96,74 @@ def test_export_csv_and_npz_match_the_raw_store(recorded, tmp_path):
     assert set(exported["occurrences"].tolist()) == {2}
 
 
+def raw_columns(path: str, table: str = "records") -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as store:
+        n = store.attrs["committed_rows"] if table == "records" else store.attrs["committed_steps"]
+        return {name: ds[:n] for name, ds in store[table].items()}
+
+
+def test_export_parquet_matches_the_raw_store(recorded, tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from inrun import cli
+
+    monkeypatch.setattr(cli, "EXPORT_ROWS", 7)  # several row groups
+    cli.export(recorded, parquet_dir=tmp_path / "pq")
+    raw = raw_columns(recorded)
+    records = pq.ParquetFile(tmp_path / "pq" / "records.parquet")
+    assert records.metadata.num_row_groups == 7  # 48 rows in groups of 7
+    table = records.read()
+    for name in ("step", "sample_id", "value_1", "value_2", "source"):
+        np.testing.assert_array_equal(table[name].to_numpy(), raw[name])
+    per_val = np.stack(table["value_1_per_val"].to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(per_val, raw["value_1_per_val"])
+    assert "proj_grad" not in table.column_names and set(table["rank"].to_numpy()) == {0}
+    steps = pq.read_table(tmp_path / "pq" / "steps.parquet")
+    np.testing.assert_array_equal(steps["lr"].to_numpy(), raw_columns(recorded, "steps")["lr"])
+    samples = pq.read_table(tmp_path / "pq" / "samples.parquet")
+    ids, expected = raw_sums(recorded, "value_2")
+    np.testing.assert_array_equal(samples["sample_id"].to_numpy(), ids)
+    np.testing.assert_allclose(samples["value_2"].to_numpy(), expected, rtol=1e-12)
+    sources = pq.read_table(tmp_path / "pq" / "sources.parquet").to_pydict()
+    assert sources == {"source": [-1, 0, 1], "name": ["unlabelled", *SOURCES]}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_export_val_points_matrix(recorded, tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    target = tmp_path / f"points{suffix}"
+    run_cli("export", recorded, "--val-points", str(target))
+    if suffix == ".npz":
+        got = dict(np.load(target))
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(target)
+        got = {name: np.stack(table[name].to_numpy(zero_copy_only=False)) if name != "sample_id"
+               else table[name].to_numpy() for name in table.column_names}
+    raw = raw_columns(recorded)
+    ids = np.unique(raw["sample_id"])
+    np.testing.assert_array_equal(got["sample_id"], ids)
+    for order in (1, 2):
+        column = raw[f"value_{order}_per_val"].astype(np.float64)
+        expected = np.array([column[raw["sample_id"] == i].sum(axis=0) for i in ids])
+        assert got[f"value_{order}"].shape == (24, 4)
+        np.testing.assert_allclose(got[f"value_{order}"], expected, rtol=1e-12)
+        # the recorder's per-sample value is the mean over validation points (float32 storage of the matrix)
+        np.testing.assert_allclose(got[f"value_{order}"].mean(axis=1), raw_sums(recorded, f"value_{order}")[1],
+                                   rtol=1e-5, atol=1e-9)
+
+
+def test_val_points_not_recorded_is_a_clear_error(tmp_path):
+    from inrun.store.writer import RunWriter
+
+    with RunWriter(tmp_path / "run.h5") as w:
+        w.append_step({}, {"sample_id": np.arange(3), "value_1": np.ones(3)})
+    done = subprocess.run([sys.executable, "-m", "inrun.cli", "export", str(tmp_path / "run.h5"), "--val-points",
+                           str(tmp_path / "m.npz")], capture_output=True, text=True)
+    assert done.returncode == 1 and "per_val_point=True" in done.stderr
+
+
 def test_console_script_is_installed():
     import shutil
 
@@ -103,7 +172,7 @@ def test_console_script_is_installed():
 
 def test_export_needs_a_target(recorded):
     done = subprocess.run([sys.executable, "-m", "inrun.cli", "export", recorded], capture_output=True, text=True)
-    assert done.returncode != 0 and "--csv" in done.stderr
+    assert done.returncode != 0 and "--csv" in done.stderr and "--parquet" in done.stderr
 
 
 def test_reader_agrees_with_raw_store(recorded):

@@ -561,8 +561,8 @@ class Run:
                 continue
             start = int(steps.row_start[row])
             stop = start + int(steps.n_samples[row])
-            ids.append(f.record_column("sample_id", start, stop))
-            values.append(f.record_column(name, start, stop))
+            ids.append(self._record_rows(i, "sample_id", start, stop))
+            values.append(self._record_rows(i, name, start, stop))
         if not ids:
             raise KeyError(f"step {t} was not recorded; this run recorded {self.num_steps} steps "
                            f"(numbers {self._step_range()})")
@@ -570,6 +570,14 @@ class Run:
         if values_all.size and np.isnan(values_all).all():
             self._check_recorded(order)  # raises when the whole run lacks this order
         return ids_all, values_all
+
+    def _record_rows(self, i: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of record column ``name`` of file ``i``, through a kept dataset handle (a finished
+        store: no group lookup per call) or, for a store still being written, through the file's fresh view."""
+        f = self._files[i]
+        if getattr(f, "live", False):
+            return f.record_column(name, start, stop)
+        return self._cached(("dataset", i, name), lambda: f.file["records"][name])[start:stop]
 
     def _step_range(self) -> str:
         numbers = self.steps["step"]
