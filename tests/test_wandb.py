@@ -136,3 +136,99 @@ def test_lightning_run_logs_to_an_offline_wandb_run(tmp_path, monkeypatch):
     for key in (b"inrun/sum_value_1", b"inrun/source/noisy/value_1", b"inrun/phase/clean/value_1",
                 b"inrun/top_samples", b"inrun/value_histogram", b"trainer/global_step"):
         assert key in content, key
+
+
+# ------------------------------------------------------------------------------------------- any id, any failure
+
+def test_running_totals_with_any_int64_id():
+    """Hashed ids up to 2**63-1 and negative ids: totals match a dict, memory is one entry per distinct id."""
+    from inrun.callbacks.wandb_logging import RunningTotals
+
+    rng = np.random.default_rng(4)
+    pool = np.r_[rng.integers(-(2**62), 2**62, 3000), 2**62, 2**63 - 1, -(2**63), -5]
+    totals, reference, last_source = RunningTotals(), {}, {}
+    for _ in range(60):  # 60 x 2000 rows: the buffer is merged into the kept totals several times
+        ids = rng.choice(pool, 2000)
+        values, sources = rng.normal(size=2000), rng.integers(-1, 3, 2000)
+        totals.add(ids, values, sources)
+        for i, v, s in zip(ids.tolist(), values.tolist(), sources.tolist()):
+            reference[i] = reference.get(i, 0.0) + v
+            last_source[i] = s
+    assert len(totals) == len(reference) and not totals.approximate
+    assert totals.ids.tolist() == sorted(reference)
+    np.testing.assert_allclose(totals.totals, [reference[i] for i in sorted(reference)], rtol=1e-9, atol=1e-12)
+    assert totals.sources.tolist() == [last_source[i] for i in sorted(reference)]
+    top, bottom = totals.extremes(5)
+    ranked = sorted(reference, key=lambda i: (-reference[i], i))
+    assert totals.ids[top].tolist() == ranked[:5]
+    assert totals.ids[bottom].tolist() == sorted(reference, key=lambda i: (reference[i], i))[:5]
+
+
+def test_running_totals_cap_keeps_the_extremes_and_says_so():
+    from inrun.callbacks.wandb_logging import RunningTotals
+
+    rng = np.random.default_rng(5)
+    totals = RunningTotals(max_ids=40)
+    strong = {2**61 + 1: 50.0, 2**61 + 2: -60.0, 7: 40.0}
+    with pytest.warns(RuntimeWarning, match="more than max_ids=40 distinct sample ids"):
+        for step in range(30):
+            ids = rng.integers(0, 2**62, 3000)  # new ids every step, small values
+            totals.add(ids, rng.normal(scale=0.01, size=ids.size), np.zeros(ids.size))
+            totals.add(np.array(list(strong)), np.array(list(strong.values())) / 30, np.zeros(3))
+            totals.merge()
+    assert totals.approximate and len(totals) <= 40 and totals.evicted > 0
+    top, bottom = totals.extremes(2)
+    assert totals.ids[top].tolist() == [2**61 + 1, 7] and totals.ids[bottom][0] == 2**61 + 2
+    np.testing.assert_allclose(totals.totals[top], [50.0, 40.0], rtol=1e-9)
+
+
+def test_logger_with_huge_ids_logs_tables():
+    run = SpyRun()
+    logger = WandbInfluenceLogger(run, table_every=2, top_k=2)
+    for t in range(4):
+        logger({"step": t}, {"sample_id": np.array([2**62, 2**40 + t, 3]), "value_1": np.array([1.0, -2.0, 0.5])})
+    assert logger.failures == 0
+    assert [row[0] for row in run.logged[3]["inrun/top_samples"].data] == [2**62, 3]
+    assert run.logged[3]["inrun/top_samples"].data[0][1] == pytest.approx(4.0)
+
+
+class BrokenRun:
+    def log(self, metrics: dict) -> None:
+        raise ConnectionError("wandb is unreachable")
+
+
+def test_a_logging_failure_is_a_warning():
+    logger = WandbInfluenceLogger(BrokenRun())
+    with pytest.warns(RuntimeWarning, match="W&B logging failed at step 0 .*ConnectionError"):
+        logger({"step": 0}, {"sample_id": np.arange(3), "value_1": np.ones(3)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # later failures are counted, not warned again
+        logger({"step": 1}, {"sample_id": np.arange(3), "value_1": np.ones(3)})
+    assert logger.failures == 2
+
+
+def test_a_failing_listener_never_stops_the_recorder(tmp_path):
+    from inrun.valuation.recorder import InRunRecorder
+
+    model = Net().net
+    recorder = InRunRecorder(model, tmp_path / "run.h5", val_data=VAL,
+                             loss_fn=lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"))
+
+    def broken(row, records):
+        raise RuntimeError("listener bug")
+
+    recorder.listeners.append(broken)
+    recorder.start()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="listener .*failed at step 0.*training goes on"):
+        for start in (0, 4):
+            batch = {"x": X[start:start + 4], "y": Y[start:start + 4], "index": torch.arange(start, start + 4)}
+            recorder.begin_microbatch(batch)
+            F.cross_entropy(model(batch["x"]), batch["y"]).backward()
+            recorder.end_microbatch()
+            recorder.before_optimizer_step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad()
+    recorder.close()
+    with h5py.File(tmp_path / "run.h5", "r") as store:
+        assert store.attrs["committed_steps"] == 2

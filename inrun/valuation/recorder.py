@@ -560,7 +560,12 @@ class InRunRecorder:
         assert self.writer is not None
         self.writer.append_step(row, records)
         for listener in self.listeners:
-            listener(row, records)
+            try:
+                listener(row, records)
+            except Exception as err:  # noqa: BLE001 -- the step is written; a listener (W&B) must not stop training
+                warnings.warn(f"a recorder listener ({type(listener).__name__}) failed at step {row.get('step')}: "
+                              f"{type(err).__name__}: {err}; the step is stored and training goes on",
+                              RuntimeWarning, stacklevel=2)
 
     # -- model checkpoints for post-hoc values -----------------------------------------------------------------------
     @property
