@@ -168,6 +168,7 @@ def test_check_model_table():
     assert rows["1.weight"].route == "materialised" and rows["1.weight"].layer == "RMSNorm"
     assert all(row.exact and row.max_rel_error < 1e-12 and row.reason == "" for row in check.rows)
     assert "verdict: exact" in str(check)
+    assert check.total_numel == 30 + 6 + 14 and check.fallback_numel == 0
 
 
 def test_check_model_names_what_is_wrong():

@@ -326,12 +326,13 @@ def test_a_registered_handler_replaces_the_fallback():
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), ScaledLinear(5, 3, 0.5)).double()
     train, val = randn(3, 6, 4, seed=13), randn(2, 6, 4, seed=14)
-    assert {r.parameter: r.route for r in inrun.check_model(model, sequence_loss, train, print_table=False).rows}[
-        "2.weight"] == "fallback"
+    before = inrun.check_model(model, sequence_loss, train, print_table=False)
+    assert {r.parameter: r.route for r in before.rows}["2.weight"] == "fallback" and before.fallback_numel == 18
     inrun.register_layer(ScaledLinear, ScaledLinearHandler())
     try:
         check = inrun.check_model(model, sequence_loss, train, print_table=False)
         assert check.ok and {r.parameter: r.route for r in check.rows}["2.weight"] in ("ghost", "materialised")
+        assert check.fallback_numel == 0 and "0 of 43 parameter elements through the fallback" in str(check)
         assert R.relative_error(inrun.grad_dots(model, sequence_loss, train, val),
                                 R.reference_dots(model, sequence_loss, train, val)) < 1e-10
     finally:

@@ -497,6 +497,9 @@ class ModelCheck:
     mixing: str | None = None
     #: an error the engine raised on the batch (the rows then say which parameters it concerns)
     error: str | None = None
+    #: trainable parameter elements in all, and how many of them go through the generic fallback (its cost)
+    total_numel: int = 0
+    fallback_numel: int = 0
 
     def __str__(self) -> str:
         header = ("parameter", "module", "layer", "route", "exact", "max rel. error", "reason")
@@ -510,7 +513,9 @@ class ModelCheck:
         counts: dict[str, int] = {}
         for r in self.rows:
             counts[r.route] = counts.get(r.route, 0) + 1
-        lines.append("routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        lines.append("routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + " parameter tensors"
+                     + (f"; {self.fallback_numel:,} of {self.total_numel:,} parameter elements through the fallback"
+                        if self.total_numel else ""))
         lines.append("samples independent: " + ("yes" if self.mixing is None else "NO -- " + self.mixing))
         if self.error:
             lines.append("engine error: " + self.error)
@@ -654,7 +659,8 @@ def check_model(
         rows.append(ParameterCheck(name, module_name, layer, route, exact, relative, reason))
     refused_ok = allow_unsupported or all(r.route != "refused" for r in rows)
     ok = mixing is None and error is None and refused_ok and all(r.exact for r in rows if r.route != "refused")
-    result = ModelCheck(ok, rows, mixing, error)
+    result = ModelCheck(ok, rows, mixing, error, total_numel=sum(p.numel() for p in trainable.values()),
+                        fallback_numel=capture.coverage.fallback_numel)
     if print_table:
         print(result)
     return result
