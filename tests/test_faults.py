@@ -463,35 +463,17 @@ def train_child(*args: str, env: dict | None = None) -> subprocess.CompletedProc
     return run_child(code, *args, env=env, timeout=120)
 
 
-def test_kill_around_the_final_checkpoint_then_resume_completes_the_store(tmp_path, reference_run):
+def test_live_reader_then_a_kill_around_the_final_checkpoint_then_resume(tmp_path, reference_run):
+    """One training run in another process (one child, to save a torch start): a reader polls it while it trains
+    and sees only whole committed steps; the run is then killed after the trainer's last checkpoint, before the
+    recorder closed; resuming completes the store, across a second kill at the final model checkpoint."""
     path, ckpt = tmp_path / "run.h5", tmp_path / "trainer.ckpt"
-    final_checkpoint = tmp_path / "run.checkpoints" / "step_00000012.pt"
-    # Killed after the trainer's last checkpoint, before the recorder closed: the last step waits in that
-    # checkpoint for the validation loss after it, and is not in the store.
-    killed = train_child(str(path), "12", str(ckpt), "new", "kill")
-    assert killed.returncode == -9 and "closed" not in killed.stdout, killed.stderr
-    assert_same_as_reference(path, reference_run, 11)
-    # Resuming from that checkpoint takes no step but completes the store; killed again, at the final model
-    # checkpoint: the last step was committed before it.
-    resumed = train_child(str(path), "12", str(ckpt), "resume", "-", env={"INRUN_KILL_AT": "checkpoint"})
-    assert resumed.returncode == -9 and "step" not in resumed.stdout, resumed.stderr
-    assert_same_as_reference(path, reference_run, 12)
-    assert not final_checkpoint.exists()
-    # Once more, to the end (in this process): the same 12 steps, the final checkpoint, compressed.
-    namespace: dict = {}
-    exec(TRAIN_CODE, namespace)
-    namespace["train"](path, 12, ckpt=ckpt, resume=True)
-    assert_same_as_reference(path, reference_run, 12)
-    assert final_checkpoint.exists() and is_compressed(path) and leftovers(tmp_path) == []
-
-
-def test_reader_polling_a_live_training_run_sees_only_whole_committed_steps(tmp_path, reference_run):
-    path = tmp_path / "run.h5"
-    code = TRAIN_CODE + "\nimport sys\ntrain(sys.argv[1], 12, pause=0.15)\n"
+    code = TRAIN_CODE + "\nimport sys\ntrain(sys.argv[1], 12, ckpt=sys.argv[2], pause=0.15, kill_before_close=True)\n"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen([sys.executable, "-c", code, str(path), str(ckpt)], stdout=subprocess.PIPE, text=True,
+                             env=env)
     ref_steps, ref_records = reference_run
-    seen, polls, live_polls, cli_ran = [], 0, 0, False
+    seen, live_polls, cli_ran = [], 0, False
     try:
         while child.poll() is None:
             if not path.exists():
@@ -499,10 +481,9 @@ def test_reader_polling_a_live_training_run_sees_only_whole_committed_steps(tmp_
                 continue
             live = is_locked(path)
             with inrun.open_run(path) as run:
-                live_polls += live
                 n = run.num_steps
                 steps, records = run.steps, run.records(["step", "sample_id", "value_1"])
-            polls += 1
+            live_polls += live
             assert n >= (seen[-1] if seen else 0)
             seen.append(n)
             rows = int(ref_steps["n_samples"][:n].sum())
@@ -517,9 +498,24 @@ def test_reader_polling_a_live_training_run_sees_only_whole_committed_steps(tmp_
     finally:
         child.kill()
         child.wait()
-    assert child.returncode == 0
+    assert child.returncode == -9
     assert cli_ran and live_polls >= 5 and len(set(seen)) >= 3, (seen, live_polls)
+    # Killed after the trainer's last checkpoint, before the recorder closed: the last step waits in that
+    # checkpoint for the validation loss after it, and is not in the store.
+    assert_same_as_reference(path, reference_run, 11)
+    final_checkpoint = tmp_path / "run.checkpoints" / "step_00000012.pt"
+    # Resuming from that checkpoint takes no step but completes the store; killed again, at the final model
+    # checkpoint: the last step was committed before it.
+    resumed = train_child(str(path), "12", str(ckpt), "resume", "-", env={"INRUN_KILL_AT": "checkpoint"})
+    assert resumed.returncode == -9 and "step" not in resumed.stdout, resumed.stderr
     assert_same_as_reference(path, reference_run, 12)
+    assert not final_checkpoint.exists()
+    # Once more, to the end (in this process): the same 12 steps, the final checkpoint, compressed.
+    namespace: dict = {}
+    exec(TRAIN_CODE, namespace)
+    namespace["train"](path, 12, ckpt=ckpt, resume=True)
+    assert_same_as_reference(path, reference_run, 12)
+    assert final_checkpoint.exists() and is_compressed(path) and leftovers(tmp_path) == []
 
 
 def test_lightning_resume_from_the_final_checkpoint_writes_the_last_step(tmp_path):

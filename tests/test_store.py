@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -460,3 +461,59 @@ def test_leftover_of_an_interrupted_compression_is_removed(tmp_path):
         assert not leftover.exists()
         write_steps(w, range(2, 3))
     assert_tables(path, range(3))
+
+
+# ------------------------------------------------------------------------------------------ ownership, damage
+
+
+def test_one_writer_per_store_and_the_lock_goes_with_the_writer(tmp_path):
+    from inrun.store.lock import is_locked, lock_path
+    from inrun.store.schema import StoreBusyError
+
+    path = tmp_path / "run.h5"
+    first = new_writer(path, flush_every=2)
+    write_steps(first, range(3))
+    assert is_locked(path) and lock_path(path).exists()
+    for kwargs in ({"overwrite": True}, {"resume": True}):  # a second handle in this process is refused too
+        with pytest.raises(StoreBusyError, match=rf"{path} is being written by another writer \(pid {os.getpid()}"):
+            new_writer(path, **kwargs)
+    with pytest.raises(StoreBusyError):
+        compression.repack(path)
+    first.close()
+    assert not is_locked(path) and not lock_path(path).exists()
+    assert_tables(path, range(3))
+    with pytest.raises(IncompatibleStoreError):  # a refused resume releases the lock again
+        new_writer(path, resume=True, run_id="another")
+    assert not lock_path(path).exists()
+    with new_writer(path, overwrite=True, run_id="run-b") as w:
+        write_steps(w, range(2))
+    assert_tables(path, range(2))
+
+
+def test_creation_is_a_rename_and_leftovers_are_cleaned(tmp_path):
+    path = tmp_path / "run.h5"
+    stale = tmp_path / "run.h5.new.tmp"
+    stale.write_bytes(b"a killed creation")
+    with new_writer(path) as w:
+        assert not stale.exists() and path.exists()  # the finished empty store is in place before any step
+        with RankFile(path) as f:  # readable in the writer's own process too
+            assert f.live and f.committed_steps == 0 and f.run_id == "run-a"
+        write_steps(w, range(2))
+        w.flush()
+        with inrun.open_run(path) as run:
+            assert run.num_steps == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
+
+
+def test_damaged_files_are_not_mistaken_for_locked_ones(tmp_path):
+    from inrun.store.schema import DamagedStoreError, open_error
+
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(96))  # an HDF5 signature and nothing else
+    sblock = OSError("Unable to synchronously open file (truncated file: eof = 104, sblock->base_addr = 0)")
+    assert isinstance(open_error(path, sblock, "r"), DamagedStoreError)
+    assert "open elsewhere" not in str(open_error(path, sblock, "r"))
+    locked = OSError("Unable to synchronously open file (unable to lock file, errno = 11)")
+    assert "HDF5 file locking" in str(open_error(path, locked, "r+"))
+    with pytest.raises(DamagedStoreError, match="is damaged or not a complete run store"):
+        RankFile(path)

@@ -52,7 +52,7 @@ def repack(path: str | Path, compression: str | None = "gzip", *, holding_lock: 
         with SwallowedErrors() as swallowed:
             with h5py.File(path, "r", **READ_OPTIONS) as src:
                 check_header(src.attrs, path)
-                file_options = {"libver": LIBVER} if compression else CREATE_OPTIONS
+                file_options = {"libver": LIBVER, **READ_OPTIONS} if compression else CREATE_OPTIONS
                 with h5py.File(tmp, "w", **file_options) as dst:
                     _copy_store(src, dst, path, compression)
                 swallowed.check()

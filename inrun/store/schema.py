@@ -41,13 +41,14 @@ CHUNK_CACHE_BYTES = 32 << 20
 STEPS, RECORDS = "steps", "records"
 
 
-OPEN_OPTIONS = {"libver": LIBVER, "rdcc_nbytes": CHUNK_CACHE_BYTES}
-
-
-# Readers take no HDF5 file lock: a live store's writer holds one, and readers only read committed rows, which the
-# writer never changes (see docs/store-schema.md, "Reading a live run"). One writer per store is ensured by
-# inrun.store.lock instead.
+# No HDF5 file locks, for writers and readers alike: readers of a live store only read committed rows, which the
+# writer never changes (docs/store-schema.md, "Reading a live run"), and one writer per store is ensured by
+# inrun.store.lock instead. (HDF5 also refuses to open a file twice in one process with different locking flags,
+# so a reader in the writer's process needs the writer's setting.)
 READ_OPTIONS = {"locking": False}
+
+
+OPEN_OPTIONS = {"libver": LIBVER, "rdcc_nbytes": CHUNK_CACHE_BYTES, **READ_OPTIONS}
 
 
 # The live file: no free-space reuse (a file creation setting, kept by the file), so bytes that the last flush
@@ -213,6 +214,11 @@ def open_error(path: Path, err: BaseException, mode: str) -> StoreIOError:
     text = str(err).lower()
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
         return StoreIOError(f"cannot open run store {path} to {what}: {err}")
+    if "flag values don't match" in text or "already open" in text:
+        return StoreIOError(
+            f"cannot open run store {path} to {what}: {err}. This process holds it open with other settings (an "
+            "h5py.File opened without locking=False?): close that, or open it with h5py.File(path, locking=False)."
+        )
     if "unable to lock file" in text:
         return StoreIOError(
             f"cannot open run store {path} to {what}: {err}. Another program holds it open with HDF5 file locking "
