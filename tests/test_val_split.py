@@ -300,6 +300,37 @@ def test_a_failing_validation_pass_raises_on_every_rank(results):
         assert results[0]["errors"][what].startswith("RankShareError"), results[0]["errors"]
 
 
+@pytest.mark.parametrize("val_batches", [1, 2])
+def test_direction_norm_equals_the_validation_gradient_norm(val_batches):
+    """``|D g_V|^2`` of the ghost path (per parameter by summed contributions or by Gram products, whichever is
+    cheaper; one-hot embedding sides and a tied head take the Gram route) against autograd's mean gradient."""
+    from experiments.tinygpt import TinyGPT, TinyGPTConfig, per_sample_lm_loss
+    from inrun.engine.capture import GradientCapture
+    from inrun.valuation.shapley import _direction_norm_sq
+    from inrun.valuation.update_rules import UpdateTerms
+    from inrun.valuation.validation import ValidationSet
+
+    model = TinyGPT(TinyGPTConfig(vocab_size=32, seq_len=8, n_layer=1, n_head=2, d_model=16), seed=0).double()
+    tokens = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(0))
+    points = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    batches = [{k: v[i::val_batches] for k, v in points.items()} for i in range(val_batches)]
+
+    def loss(module, batch):
+        return per_sample_lm_loss(module(batch["input_ids"]), batch["labels"]).double()
+
+    capture = GradientCapture(model)
+    capture.attach()
+    _, parts = ValidationSet(batches, loss, model, capture).captured()
+    capture.detach()
+    params = dict(capture.parameters)
+    scales = {name: 0.1 * (k + 1) for k, name in enumerate(params)}
+    got = _direction_norm_sq({n: UpdateTerms(s, None) for n, s in scales.items()}, parts, n_val=4)
+    model.eval()
+    grads = torch.autograd.grad(loss(model, points).mean(), list(params.values()))
+    want = sum(scales[n] ** 2 * float((g.double() ** 2).sum()) for n, g in zip(params, grads))
+    assert got == pytest.approx(want, rel=1e-10)
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     sys.path.insert(0, str(ROOT))
     worker(Path(sys.argv[sys.argv.index("--worker") + 1]))

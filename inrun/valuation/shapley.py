@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from inrun.engine.algebra import parameter_dots
 from inrun.engine.captured import CapturedBatch
+from inrun.engine.factors import FlatFactor, IndexSide
 from inrun.valuation.update_rules import UpdateTerms
 from inrun.valuation.validation import ValidationSet, shifted_parameters
 
@@ -92,14 +94,37 @@ def _ghost_values(microbatches: list[MicroBatch], terms: dict[str, UpdateTerms],
 
 
 def _direction_norm_sq(terms: dict[str, UpdateTerms], val_parts: list, n_val: int) -> float:
-    """``|D g_V|^2`` with ``g_V`` the mean of the validation points' gradients, from their own Gram products."""
+    """``|D g_V|^2`` with ``g_V`` the mean of the validation points' gradients.
+
+    Per parameter the cheaper of two exact forms: the squared norm of the points' summed contributions (one product
+    of the weight's size, ``N (R + C)`` against ``R C`` for ``N`` validation positions) or the sum of the points'
+    pairwise Gram products (``N^2``; kept for one-hot sides, whose sum would be a table-sized temporary per point).
+    """
     total = 0.0
-    for a in val_parts:
-        for b in val_parts:
-            for name, dots in a.dots_by_parameter(b).items():
-                if name in terms:
-                    total += float(terms[name].scale) ** 2 * float(dots.double().sum())
+    for name in dict.fromkeys(name for part in val_parts for name in part.factors):
+        if name not in terms:
+            continue
+        uses = [part.factors[name] for part in val_parts if name in part.factors]
+        if _summing_pays([f for part_uses in uses for f in part_uses]):
+            summed = sum(f.sum_over_samples().reshape(-1).double() for part_uses in uses for f in part_uses)
+            squared = float((summed**2).sum())  # type: ignore[union-attr]
+        else:
+            squared = sum(float(parameter_dots(a, b)[0].double().sum()) for a in uses for b in uses)
+        total += float(terms[name].scale) ** 2 * squared
     return total / n_val**2
+
+
+def _summing_pays(factors: list) -> bool:
+    """Whether summing the contributions beats their Gram products (dense sides only; see _direction_norm_sq)."""
+    positions, widest = 0, 0
+    for f in factors:
+        if isinstance(f, FlatFactor):
+            continue
+        if isinstance(f.rows, IndexSide) or isinstance(f.cols, IndexSide):
+            return False
+        positions += f.n * f.length
+        widest = max(widest, f.rows.dim * f.cols.dim / (f.rows.dim + f.cols.dim))
+    return positions >= widest
 
 
 def _value_step_ghost(microbatches, terms, grads, validation, params, *, second_order, per_val_point,
