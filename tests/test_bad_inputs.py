@@ -167,6 +167,15 @@ def test_unwritable_folder_is_refused_at_construction(tmp_path):
         locked.chmod(0o700)
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux procfs")
+def test_a_folder_nobody_can_write_is_refused_at_construction():
+    """procfs takes no new files, not even from root: the probe fails at construction, not at the first step."""
+    with pytest.raises(InvalidArgumentError, match="the folder '/proc' is not writable"):
+        InRunRecorder(MODEL, "/proc/inrun-test/run.h5", **RECORDER_DEFAULTS)
+    with pytest.raises(InvalidArgumentError, match="is not writable"):
+        InRunCallback("/proc/inrun-test/run.h5", val_data=VAL)
+
+
 def test_a_missing_folder_is_not_created_by_the_check(tmp_path):
     recorder = InRunRecorder(MODEL, tmp_path / "a" / "b" / "run.h5", **RECORDER_DEFAULTS)
     assert_nothing_written(tmp_path)  # created at the first step, not before
@@ -499,3 +508,15 @@ def test_deepspeed_adapter_refuses_an_unknown_optimizer_unless_a_rule_is_named(t
     adapter.prepare(recorder)
     assert adapter.rule == "rmsprop"
     assert_nothing_written(tmp_path)
+
+
+def test_an_existing_store_is_refused_at_start_unless_overwriting_or_resuming(tmp_path):
+    """A plain loop learns it at ``start()``, before the first forward pass; the old file stays as it was."""
+    old = tmp_path / "run.h5"
+    old.write_bytes(b"an earlier run")
+    recorder = InRunRecorder(make_model(), old, **RECORDER_DEFAULTS)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        recorder.start()
+    assert old.read_bytes() == b"an earlier run" and not recorder.capture._handles
+    InRunRecorder(make_model(), old, **RECORDER_DEFAULTS, overwrite=True).start()  # accepted (opens at step 1)
+    assert old.read_bytes() == b"an earlier run"

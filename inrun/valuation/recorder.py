@@ -209,9 +209,13 @@ class InRunRecorder:
         return resolve_rule(optimizer, self.update_rule)
 
     def start(self, device: torch.device | None = None) -> None:
-        """Attach hooks and check the validation data against the model (the store opens at the first step)."""
+        """Attach hooks and check the validation data against the model (the store opens at the first step).
+
+        Also refuses an existing store unless overwriting or resuming (``load_state_dict`` comes before ``start``).
+        """
         if self.capture._handles:
             return
+        self.check_output_path(resuming=self._resume_state is not None)
         if self.validation is not None:
             device = device or next(iter(self.params.values()), next(self.model.parameters(), None)).device
             self.validation.to(device)
