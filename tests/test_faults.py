@@ -271,15 +271,23 @@ def test_injected_error_while_compressing_keeps_the_checked_complete_store(tmp_p
 
 
 def test_a_write_error_swallowed_by_h5py_is_still_caught(tmp_path):
-    """h5py reports errors raised while it frees an object through sys.unraisablehook only; the writer listens."""
+    """h5py reports errors raised while it frees an object only through sys.unraisablehook (as Cython does for
+    every __dealloc__); the writer listens while it writes, and passes everything else on."""
+    from types import SimpleNamespace
+
     from inrun.store.durability import SwallowedErrors
 
-    class Freed:
-        def __del__(self):
-            raise RuntimeError("Can't decrement id ref count (file write failed: errno = 28)")
-
-    with SwallowedErrors() as swallowed:
-        Freed()
+    passed_on = []
+    previous, sys.unraisablehook = sys.unraisablehook, passed_on.append
+    try:
+        with SwallowedErrors() as swallowed:
+            sys.unraisablehook(SimpleNamespace(  # what h5py's ObjectID.__dealloc__ hands over on a failed write
+                exc_value=RuntimeError("Can't decrement id ref count (file write failed: errno = 28)"),
+                object="h5py._objects.ObjectID.__dealloc__", err_msg=None))
+            sys.unraisablehook(SimpleNamespace(exc_value=RuntimeError("not h5py's"), object="other", err_msg=None))
+    finally:
+        sys.unraisablehook = previous
+    assert [u.exc_value.args[0] for u in passed_on] == ["not h5py's"]
     with pytest.raises(OSError, match="errno = 28"):
         swallowed.check()
 

@@ -37,9 +37,10 @@ class SwallowedErrors:
         return self
 
     def _hook(self, unraisable) -> None:
-        if isinstance(unraisable.exc_value, (OSError, RuntimeError)):
+        where = f"{unraisable.object!r} {getattr(unraisable, 'err_msg', '') or ''}"
+        if isinstance(unraisable.exc_value, (OSError, RuntimeError)) and "h5py" in where:
             self.errors.append(unraisable.exc_value)
-        else:
+        else:  # not h5py's: passed on as usual
             self._previous(unraisable)
 
     def check(self) -> None:

@@ -84,7 +84,10 @@ class StoreLock:
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
-            self.release()
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001 -- at interpreter exit; the kernel drops the lock anyway
+                pass
 
 
 def _same_file(fd: int, path: Path) -> bool:
