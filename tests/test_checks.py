@@ -114,6 +114,18 @@ def test_in_batch_loss_is_refused():
         inrun.grad_norms(model, in_batch_loss, randn(4, 4, seed=4))
 
 
+def test_independence_probe_copies_a_sample_that_differs():
+    """Samples 0 and 1 identical: copying 1 over 0 would change nothing; the probe takes the first that differs."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().train()
+    x = randn(4, 3, seed=15)
+    x[1] = x[0]
+    reason = inrun.engine.checks.probe_independence(model, output_loss, x)
+    assert reason is not None and "BatchNorm1d" in reason
+    same = randn(1, 3, seed=16).expand(4, 3).clone()
+    assert inrun.engine.checks.probe_independence(model, output_loss, same) is None  # nothing to change
+
+
 class Reversed(nn.Module):
     """Samples independent, but a layer sees them in reverse order: the sums add up, the credit is misplaced."""
 

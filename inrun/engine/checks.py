@@ -5,8 +5,8 @@ Three checks, each catching what the others cannot:
 * *gradient completeness* (:func:`check_completeness`): per parameter, the sum over samples of the captured
   per-sample contributions must equal autograd's batch gradient. A parameter also used outside its module's forward
   (``F.linear(x, self.wte.weight)``, ``x @ wte.weight.T``) receives gradient inrun never sees: the sums differ.
-* *sample independence* (:func:`probe_independence`): replace sample 0 of the batch by a copy of sample 1 (every
-  tensor whose leading dimension is the batch size) and run the model again with the same random state; no other
+* *sample independence* (:func:`probe_independence`): replace sample 0 of the batch by a copy of the first sample
+  that differs from it (in every tensor whose leading dimension is the batch size) and run the model again with the same random state; no other
   sample's loss may move. BatchNorm in training mode, in-batch losses and anything else that mixes samples fails it,
   and is refused whatever ``allow_unsupported`` says (:class:`~inrun.errors.SampleMixingError`).
 * *per-sample spot check* (:func:`check_samples`): autograd's gradient of one or two single samples' losses (from the
@@ -120,7 +120,10 @@ def probe_independence(model: nn.Module, loss_fn: LossFn, batch: Any, n: int | N
     n = n if n is not None else infer_batch_size(batch)
     if n is None or n < 2:
         return None
-    changed = _replace_sample(batch, n, 0, 1)
+    source = _differing_sample(batch, n)
+    if source is None:
+        return None  # every sample equals sample 0: nothing to change
+    changed = _replace_sample(batch, n, 0, source)
     with _SameRandomness(model) as same, torch.no_grad():
         same.rewind()
         before = loss_fn(model, batch)
@@ -152,6 +155,16 @@ def probe_independence(model: nn.Module, loss_fn: LossFn, batch: Any, n: int | N
     return (f"changing sample 0 of the batch changed sample {sample}'s loss from {float(before[sample]):.6g} to "
             f"{float(after[sample]):.6g} (relative {relative:.2g}) with the same random state, so no sample has a "
             f"gradient of its own.{hint}")
+
+
+def _differing_sample(batch: Any, n: int) -> int | None:
+    """The first sample after 0 whose tensors differ from sample 0's (the probe copies it over sample 0)."""
+    rows: list[Tensor] = []
+    _map_batch(batch, n, lambda t: rows.append(t) or t)
+    for j in range(1, n):
+        if any(not torch.equal(t[0], t[j]) for t in rows):
+            return j
+    return None
 
 
 def require_independence(model: nn.Module, loss_fn: LossFn, batch: Any, n: int | None = None) -> None:
