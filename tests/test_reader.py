@@ -552,8 +552,9 @@ def test_id_index_positions(kind, monkeypatch):
     if kind == "sorted":
         monkeypatch.setattr(reader, "BITMAP_MAX_IDS", 0)
     rng = np.random.default_rng(1)
-    blocks = [rng.integers(-70, 5000, int(rng.integers(0, 300))) for _ in range(13)]
-    index = reader.IdIndex.build(lambda: iter(blocks))
+    blocks = [rng.integers(100, 110, 5)] + [rng.integers(-70, 5000, int(rng.integers(0, 300))) for _ in range(13)]
+    blocks.append(np.array([-700, 9000]))  # the bitmap widens on both sides, more than once
+    index = reader.IdIndex.build(lambda: iter(blocks), sum(b.size for b in blocks))
     assert index.kind == kind
     everything = np.concatenate(blocks)
     np.testing.assert_array_equal(index.ids, np.unique(everything))

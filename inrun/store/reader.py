@@ -92,7 +92,8 @@ class IdIndex:
     Memory is proportional to the distinct ids, never to the rows: the sorted ids (8 bytes each) plus either a
     bitmap over the id range with per-word ranks (``range / 5.3`` bytes; used when the range is at most
     ``BITMAP_MAX_IDS`` ids and at most ``BITMAP_IDS_PER_ROW`` ids per record) or, for sparse ids such as hashed
-    document ids, nothing more (binary search in the sorted ids). Built in two streamed passes over ``sample_id``.
+    document ids, nothing more (binary search in the sorted ids). Built in one streamed pass over ``sample_id``
+    (two for sparse ids: the bitmap is given up as soon as the range outgrows it, and sorted blocks are merged).
     """
 
     def __init__(self, ids: np.ndarray, lo: int = 0, words: np.ndarray | None = None,
@@ -119,37 +120,42 @@ class IdIndex:
         return self._ranks[word] + np.bitwise_count(self._words[word] & below)
 
     @classmethod
-    def build(cls, blocks: Callable[[], Iterator[np.ndarray]]) -> "IdIndex":
-        """The index of the ids yielded by ``blocks()`` (called once or twice: each call streams them again)."""
-        lo, hi, rows = None, None, 0
+    def build(cls, blocks: Callable[[], Iterator[np.ndarray]], rows: int) -> "IdIndex":
+        """The index of the ids yielded by ``blocks()`` (``rows`` ids in all): one streamed pass that sets bits
+        while the id range allows a bitmap, else (a second call of ``blocks()``) sorted distinct ids."""
+        limit = min(BITMAP_MAX_IDS, BITMAP_IDS_PER_ROW * rows + (1 << 16))
+        lo, words = 0, None
         for ids in blocks():
-            if ids.size:
-                lo = int(ids.min()) if lo is None else min(lo, int(ids.min()))
-                hi = int(ids.max()) if hi is None else max(hi, int(ids.max()))
-                rows += ids.size
-        if lo is None:
-            return cls(np.zeros(0, np.int64))
-        span = hi - lo + 1
-        if span <= BITMAP_MAX_IDS and span <= BITMAP_IDS_PER_ROW * rows + (1 << 16):
-            return cls._bitmap(blocks, lo, span)
-        return cls(_sorted_unique(blocks()))
-
-    @classmethod
-    def _bitmap(cls, blocks: Callable[[], Iterator[np.ndarray]], lo: int, span: int) -> "IdIndex":
-        words = np.zeros((span + 63) // 64, np.uint64)
-        for ids in blocks():
-            offset = np.sort((ids - lo).astype(np.uint64))
-            if not offset.size:
+            if not ids.size:
                 continue
-            word = offset >> np.uint64(6)
-            starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
-            bits = np.left_shift(np.uint64(1), offset & np.uint64(63))
-            words[word[starts].astype(np.intp)] |= np.bitwise_or.reduceat(bits, starts)
+            low, high = int(ids.min()), int(ids.max())
+            if words is None:
+                lo, words = low, np.zeros(0, np.uint64)
+            if low < lo or high >= lo + 64 * words.size:  # widen the bitmap, in whole words
+                below = -(-(lo - low) // 64) if low < lo else 0
+                above = max(0, -(-(high - lo + 1) // 64) - words.size)
+                if 64 * (words.size + below + above) > limit:
+                    return cls(_sorted_unique(blocks()))
+                words = np.concatenate([np.zeros(below, np.uint64), words, np.zeros(above, np.uint64)])
+                lo -= 64 * below
+            _set(words, (ids - lo).astype(np.uint64))
+        if words is None:
+            return cls(np.zeros(0, np.int64))
         counts = np.bitwise_count(words)
         total = int(counts.sum(dtype=np.int64))
         ranks = np.cumsum(counts, dtype=np.int64 if total >= 2**31 else np.int32)
         ranks -= counts
         return cls(_set_bits(words, total) + lo, lo, words, ranks)
+
+
+def _set(words: np.ndarray, offsets: np.ndarray) -> None:
+    """Set bit ``offset`` (bit j of word w is offset 64 w + j) for every offset; repeats within a word are ORed
+    together first (a sorted block, one OR-reduction per word)."""
+    offsets = np.sort(offsets)
+    word = offsets >> np.uint64(6)
+    starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+    bits = np.left_shift(np.uint64(1), offsets & np.uint64(63))
+    words[word[starts].astype(np.intp)] |= np.bitwise_or.reduceat(bits, starts)
 
 
 def _set_bits(words: np.ndarray, total: int) -> np.ndarray:
@@ -160,8 +166,8 @@ def _set_bits(words: np.ndarray, total: int) -> np.ndarray:
                           np.int64)
     data = words.view(np.uint8)
     filled = 0
-    for start in range(0, data.size, 1 << 24):
-        chunk = data[start:start + (1 << 24)]
+    for start in range(0, data.size, 1 << 20):  # 8M ids of range per chunk: temporaries of a few MB
+        chunk = data[start:start + (1 << 20)]
         nonzero = np.flatnonzero(chunk)
         values = chunk[nonzero]
         counts = table_count[values]
@@ -415,7 +421,7 @@ class Run:
         def blocks() -> Iterator[np.ndarray]:
             return (block["sample_id"] for *_, block in self._blocks(["sample_id"]))
 
-        return self._cached("id_index", lambda: IdIndex.build(blocks))
+        return self._cached("id_index", lambda: IdIndex.build(blocks, self.num_records))
 
     def sample_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, occurrences)``: how many records each sample id has (every epoch, every rank)."""
