@@ -153,6 +153,7 @@ class RunWriter:
             if resume:
                 self._file = self._open_existing(run_id, rank, world_size, step_columns, record_columns)
             else:
+                self._check_new_path(overwrite)  # again under the lock: another writer may have created it meanwhile
                 self._file = self._create_new(run_id or new_run_id(), rank, world_size, step_columns,
                                               record_columns, config, coverage)
             # one handle per dataset for the writer's life: chunks then reach the disk in File.flush(), which

@@ -24,6 +24,8 @@ up to the Taylor error.
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 
 from inrun.engine.capture import GradientCapture
 from inrun.engine.checks import RecorderChecks
-from inrun.engine.projection import ProjectionSettings, Projector
+from inrun.engine.projection import EmbeddingSize, ProjectionSettings, Projector, embedding_size
 from inrun.errors import BatchMismatchError, InRunError, InvalidArgumentError, NonFiniteGradientError
 from inrun.store.compression import stale_repack
 from inrun.store.faults import fault_point
@@ -184,6 +186,10 @@ class InRunRecorder:
         self._empty_microbatches = 0  # in the current step
         self._rule: str | None = None
         self.listeners: list[Callable[[dict, dict], None]] = []
+        #: optimizer steps the run will take (an integration sets it from the trainer's max steps): the projected
+        #: size of the embeddings; ``embeddings={'planned_steps': N}`` takes precedence
+        self.planned_steps: int | None = None
+        self.embedding_size: EmbeddingSize | None = None  # stated at the first step of a run recording embeddings
         self.clip_norm: float | None = None
         #: full parameter shapes by name, for engines that partition the model's own tensors (DeepSpeed ZeRO-3 leaves
         #: them ``[0]``-shaped outside its hooks); an integration sets it, None means ``param.shape``
@@ -263,6 +269,8 @@ class InRunRecorder:
             self.projector = Projector.build(Projector.shapes_of(first.captured), self.embeddings)
             record_columns["proj_grad"] = Column(np.dtype(self.embeddings.dtype), (self.projector.dim,))
             step_columns["proj_scale"] = Column(np.float64, (len(self.projector.layout),))
+            if self._resume_state is None:
+                self._check_embedding_size(record_columns)
         state = self._resume_state
         if state is not None:
             self.run_id = state["run_id"]
@@ -285,6 +293,25 @@ class InRunRecorder:
             self.writer.write_static("sources/names", np.array(self.source_names, dtype=object))
         if self.projector is not None:
             self._write_projection(self.projector)
+
+    def _check_embedding_size(self, record_columns: dict[str, Column]) -> None:
+        """State what the projected gradients will take on disk (rank 0, on stderr and in ``embedding_size``) and
+        refuse to start when the planned total exceeds the free disk (unless ``check_disk=False``)."""
+        assert self.projector is not None and self.embeddings is not None
+        row_bytes = sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape)) for c in record_columns.values())
+        per_step = sum(int(mb.sample_ids.numel()) for mb in self._microbatches) or 1
+        planned = self.embeddings.planned_steps or self.planned_steps
+        self.embedding_size = embedding_size(row_bytes, self.projector.dim, self.embeddings, per_step, planned)
+        if self.rank == 0:
+            print(f"inrun: {self.embedding_size.statement()}", file=sys.stderr)
+        total = self.embedding_size.total_bytes
+        free = shutil.disk_usage(self.path.resolve().parent).free
+        if total is not None and total > free and self.embeddings.check_disk:
+            raise StoreIOError(
+                f"{self.embedding_size.statement()}, but only {free / 1e9:.1f} GB are free at {self.path.parent}. "
+                "Record fewer numbers (smaller k_rows/k_cols or flat_k, dtype='float16', every=k, a subset of "
+                "parameters), free disk space, or pass embeddings={..., 'check_disk': False} to start anyway"
+            )
 
     def _write_projection(self, projector: Projector) -> None:
         assert self.writer is not None
