@@ -164,6 +164,12 @@ class InRunCallback(L.Callback):
                     f"{trainer.world_size}; resume with the same number, or start a new store"
                 )
             self.recorder.load_state_dict(state)
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        try:
+            planned = max_steps or int(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 -- an unsized dataloader: no size projection
+            planned = None
+        self.recorder.planned_steps = planned if planned and planned < 2**62 else None  # the embeddings' total
         with self._gathered():
             self.recorder.start(device=pl_module.device)
         split_validation(self.recorder, self.split_validation)  # collective with several processes

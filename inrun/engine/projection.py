@@ -3,7 +3,8 @@
 For a matrix parameter (``param.reshape(R, C)``) with per-sample contribution ``c_i = sum_t r_t q_t^T``, the projection
 is ``P_rows c_i P_cols^T`` (``k_rows x k_cols``), computed from the factor's two sides without forming ``c_i``.
 A side whose dimension is at most its ``k`` is kept whole (identity: exact). Flat parameters (biases, norms) are kept
-whole when small, else projected by one dense matrix. Matrices are Gaussian with entries of variance ``1/k``, so
+whole when at most ``flat_k`` entries (default ``k_rows * k_cols``), else projected by one dense ``flat_k x numel``
+matrix. Matrices are Gaussian with entries of variance ``1/k``, so
 products of projected gradients are unbiased estimates of the true ones; ``kind="orthogonal"`` uses orthonormal rows.
 
 The layout (which parameter sits where in the concatenated vector) and the matrices themselves are saved in the store,
@@ -35,6 +36,13 @@ class ProjectionSettings:
     dtype: str = "float32"  # storage dtype of projected gradients: "float32" or "float16"
     every: int = 1  # record every k-th step
     parameters: tuple[str, ...] | None = None  # a subset of parameter names (None: all attributed)
+    # flat parameters (biases, norm scales) with more entries than this are projected to it; None: k_rows * k_cols
+    # (so biases and norms of models up to d = 4096 are kept whole by default, exactly)
+    flat_k: int | None = None
+    # sizing: optimizer steps the run will take (None: an integration's max steps, else unknown); the run states the
+    # projected size at its first step and refuses to start when it exceeds the free disk unless check_disk=False
+    planned_steps: int | None = None
+    check_disk: bool = True
 
     @classmethod
     def from_any(cls, value: "bool | dict | ProjectionSettings") -> "ProjectionSettings":
@@ -83,6 +91,45 @@ def random_projection(k: int, dim: int, kind: str, generator: torch.Generator) -
     raise ValueError(f"projection kind must be 'gaussian' or 'orthogonal', got {kind!r}")
 
 
+@dataclass(frozen=True)
+class EmbeddingSize:
+    """What recording projected gradients will cost on disk, per rank file."""
+
+    dim: int  # projected numbers per sample occurrence
+    bytes_per_occurrence: int  # the whole record row: projected gradient plus ids, values, norms
+    occurrences_per_step: int
+    recorded_steps: int | None  # steps with projections among the planned ones (None: not known)
+
+    @property
+    def total_bytes(self) -> int | None:
+        if self.recorded_steps is None:
+            return None
+        return self.bytes_per_occurrence * self.occurrences_per_step * self.recorded_steps
+
+    def statement(self) -> str:
+        line = (f"data value embeddings: {self.dim:,} projected numbers = {_human(self.bytes_per_occurrence)} per "
+                f"sample occurrence, {_human(self.bytes_per_occurrence * self.occurrences_per_step)} per step of "
+                f"{self.occurrences_per_step} samples")
+        if self.total_bytes is None:
+            return line + "; total unknown (pass embeddings={'planned_steps': N} to check it against the free disk)"
+        return line + f"; {_human(self.total_bytes)} for the {self.recorded_steps:,} projected steps planned"
+
+
+def embedding_size(row_bytes: int, dim: int, settings: ProjectionSettings, occurrences_per_step: int,
+                   planned_steps: int | None) -> EmbeddingSize:
+    """The size statement of a run recording ``dim`` projected numbers in record rows of ``row_bytes`` bytes."""
+    steps = None if planned_steps is None else -(-int(planned_steps) // max(1, settings.every))
+    return EmbeddingSize(dim, int(row_bytes), int(occurrences_per_step), steps)
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(count) < 1000 or unit == "PB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count} B"
+
+
 class Projector:
     """Projects captured batches and full gradients with per-parameter seeded matrices."""
 
@@ -105,7 +152,7 @@ class Projector:
             if settings.parameters is not None and name not in settings.parameters:
                 continue
             if isinstance(shape, int):
-                k = min(shape, settings.k_rows * settings.k_cols)
+                k = min(shape, settings.k_rows * settings.k_cols if settings.flat_k is None else settings.flat_k)
                 p = None if k == shape else random_projection(k, shape, settings.kind, _generator(settings.seed, name, "flat"))
                 block = BlockLayout(name, "flat", shape, 1, k, 1, offset)
                 matrices[name] = (p, None)

@@ -106,6 +106,12 @@ def embedding_settings(embeddings: Any) -> ProjectionSettings | None:
         raise InvalidArgumentError(f"embeddings['kind'] must be one of {PROJECTION_KINDS}, got {_shown(settings.kind)}")
     if settings.dtype not in EMBEDDING_DTYPES:
         raise InvalidArgumentError(f"embeddings['dtype'] must be 'float32' or 'float16', got {_shown(settings.dtype)}")
+    for name, fix in (("flat_k", "flat parameters with more entries are projected to it; None keeps k_rows*k_cols"),
+                      ("planned_steps", "the optimizer steps the run will take, for the size statement; or None")):
+        if getattr(settings, name) is not None:
+            positive_int(f"embeddings['{name}']", getattr(settings, name), fix=fix)
+    if not isinstance(settings.check_disk, bool):
+        raise InvalidArgumentError(f"embeddings['check_disk'] must be True or False, got {_shown(settings.check_disk)}")
     if not _is_int(settings.seed) or settings.seed < 0:
         raise InvalidArgumentError(f"embeddings['seed'] must be an integer >= 0, got {_shown(settings.seed)}")
     if settings.parameters is not None:
