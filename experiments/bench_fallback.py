@@ -5,6 +5,9 @@ process.
 Hugging Face's ``LlamaForCausalLM`` (random weights from a config) has no dedicated handler for ``LlamaRMSNorm``: its
 ``weight`` goes through the generic fallback (per-sample vector-Jacobian products of the module with ``torch.func``).
 Freezing those weights (``requires_grad_(False)``) leaves only Linear and Embedding layers, all on dedicated handlers.
+``--model encoder`` measures the heavier use of the fallback instead: a causal LM of ``nn.TransformerEncoderLayer``
+blocks, whose ``nn.MultiheadAttention`` is attributed as one unit (``in_proj_weight`` and ``out_proj`` materialised
+per sample), against the same model with the attention frozen.
 For each of the two variants, on the same weights and data (see :mod:`experiments.benchutil` for how times and peak
 memory are taken; CPU time of the process is the steadier figure on a shared machine):
 
@@ -21,7 +24,8 @@ memory are taken; CPU time of the process is the steadier figure on a shared mac
 Run from the repo root::
 
     .venv/bin/python -m experiments.bench_fallback --threads 1
-    .venv/bin/python -m experiments.bench_fallback --threads 1 --hidden 512 --layers 4 --seq-len 256
+    .venv/bin/python -m experiments.bench_fallback --threads 1 --hidden 512 --ffn 1376 --layers 4 --heads 8 --seq-len 256
+    .venv/bin/python -m experiments.bench_fallback --threads 1 --model encoder
 """
 
 from __future__ import annotations
@@ -44,30 +48,69 @@ from torch import Tensor, nn
 import inrun
 from experiments.benchutil import Measurement, format_bytes, measure, render_table
 
-VARIANTS = {"norms through the fallback": False, "norms frozen": True}
+#: variant -> whether the parameters the fallback would attribute are frozen
+VARIANTS = {"through the fallback": False, "frozen": True}
 
 
-def build_model(args: argparse.Namespace, freeze_norms: bool) -> nn.Module:
-    """A Llama-shaped causal LM (RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP), seeded."""
-    import transformers
+def uses_fallback(module: nn.Module) -> bool:
+    """Modules of the benchmarked models that have no dedicated handler: every library's RMSNorm class, and
+    ``nn.MultiheadAttention`` (attributed as one unit, its ``in_proj_weight`` and ``out_proj`` together)."""
+    return type(module).__name__.endswith("RMSNorm") or isinstance(module, nn.MultiheadAttention)
 
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),
-        max_position_embeddings=max(args.seq_len, 64), attention_dropout=0.0,
-    )
+
+class EncoderLM(nn.Module):
+    """Token and position embeddings, causal ``nn.TransformerEncoderLayer`` blocks (``nn.MultiheadAttention``
+    inside), a final LayerNorm and a linear head: the attention goes through the fallback."""
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__()
+        self.tok = nn.Embedding(args.vocab, args.hidden)
+        self.pos = nn.Embedding(max(args.seq_len, 64), args.hidden)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(args.hidden, args.heads, dim_feedforward=args.ffn, dropout=0.0,
+                                       batch_first=True, norm_first=True)
+            for _ in range(args.layers))
+        self.norm = nn.LayerNorm(args.hidden)
+        self.head = nn.Linear(args.hidden, args.vocab, bias=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False) -> Tensor:
+        t = input_ids.shape[1]
+        causal = torch.full((t, t), float("-inf")).triu(1)
+        x = self.tok(input_ids) + self.pos(torch.arange(t)[None])
+        for layer in self.layers:
+            x = layer(x, src_mask=causal, is_causal=True)
+        return self.head(self.norm(x))
+
+
+def build_model(args: argparse.Namespace, freeze: bool) -> nn.Module:
+    """The benchmarked model, seeded; with ``freeze`` the fallback's parameters do not require gradients.
+
+    ``llama``: Hugging Face's LlamaForCausalLM (RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP), whose
+    norm scales go through the fallback. ``encoder``: :class:`EncoderLM`, whose attention does.
+    """
     torch.manual_seed(args.seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and freeze_norms:
-            module.requires_grad_(False)
+    if args.model == "encoder":
+        model = EncoderLM(args).train()  # dropout is 0; eval mode could take the fused inference path
+    else:
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=max(1, args.heads // 2), max_position_embeddings=max(args.seq_len, 64),
+            attention_dropout=0.0,
+        )
+        model = transformers.LlamaForCausalLM(config).eval()
+    if freeze:
+        for module in model.modules():
+            if uses_fallback(module):
+                module.requires_grad_(False)
     return model
 
 
-def norm_parameters(model: nn.Module) -> tuple[int, int]:
-    """(tensors, values) of the trainable RMSNorm scales: what the fallback attributes."""
-    tensors = [p for m in model.modules() if type(m).__name__.endswith("RMSNorm") for p in m.parameters(recurse=False)
-               if p.requires_grad]
+def fallback_parameters(model: nn.Module) -> tuple[int, int]:
+    """(tensors, values) of the trainable parameters the fallback attributes."""
+    tensors = [p for m in model.modules() if uses_fallback(m) for p in m.parameters() if p.requires_grad]
     return len(tensors), sum(p.numel() for p in tensors)
 
 
@@ -79,7 +122,8 @@ def make_batch(n: int, length: int, vocab: int, seed: int) -> dict:
 
 def loss_fn(model: nn.Module, batch: dict) -> Tensor:
     """Per-sample mean next-token cross-entropy."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out
     logits, labels = logits[:, :-1], batch["input_ids"][:, 1:]
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
     return losses.view(labels.shape).mean(1)
@@ -98,7 +142,8 @@ def plain_step(model: nn.Module, batch: dict) -> None:
 def training_loop(model: nn.Module, batches: list[dict], val: dict, recorder_path: Path | None) -> float:
     """SGD steps over ``batches``; with ``recorder_path`` an InRunRecorder values each step. Returns the CPU seconds
     of every step after the first (the first is untimed: warm-up, and the recorder's one-off checks)."""
-    model = model.train()
+    mode = model.training
+    model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     recorder = None
     if recorder_path is not None:
@@ -123,13 +168,13 @@ def training_loop(model: nn.Module, batches: list[dict], val: dict, recorder_pat
     elapsed = time.process_time() - start if start is not None else 0.0
     if recorder is not None:
         recorder.close()
-    model.eval()
+    model.train(mode)
     return elapsed
 
 
 def bench_variant(name: str, args: argparse.Namespace, train: dict, val: dict, device: torch.device) -> dict:
     model = build_model(args, VARIANTS[name])
-    tensors, values = norm_parameters(model)
+    tensors, values = fallback_parameters(model)
     options = unchecked()
     results: dict[str, Measurement] = {}
     results["plain"] = measure(lambda: plain_step(model, train), device, repeats=args.repeats, warmup=1)
@@ -153,6 +198,8 @@ def bench_variant(name: str, args: argparse.Namespace, train: dict, val: dict, d
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("llama", "encoder"), default="llama",
+                        help="llama: RMSNorm scales through the fallback; encoder: nn.MultiheadAttention through it")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=688)
     parser.add_argument("--layers", type=int, default=2)
@@ -195,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([name, f"{result['fallback_tensors']} ({result['fallback_values']:,} values)", f"{plain:.3f}",
                      ratio("grad_dots"), ratio("grad_norms"), ratio("grad_dots + checks"), loop_ratio,
                      f"{format_bytes(m['plain']['peak_bytes'])} / {format_bytes(m['grad_dots']['peak_bytes'])}"])
-    print(f"Llama-shaped: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}, "
+    what = "Llama-shaped (RMSNorm scales)" if args.model == "llama" else "nn.TransformerEncoderLayer LM (attention)"
+    print(f"{what}: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}, "
           f"batch {args.batch} x {args.seq_len} tokens, validation {args.val_batch}; "
           f"threads {torch.get_num_threads()}; CPU seconds, medians of {args.repeats}")
     print(render_table(headers, rows))

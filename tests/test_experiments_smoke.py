@@ -61,7 +61,26 @@ def test_bench_inrun_tiny(tmp_path):
     bench_inrun.main(["--steps", "1", "--seq-len", "8", "--batch", "8", "--layers", "1", "--vocab", "64",
                       "--repeats", "1", "--out", str(out)])
     results = json.loads(out.read_text())["results"]
-    assert set(results) == set(bench_inrun.CONFIGS) and all(r["seconds"] > 0 for r in results.values())
+    expected = {"plain", "embeddings (64x64)"} | {f"{name} [{variant}]" for name in bench_inrun.CONFIGS
+                                                 if name not in ("plain", "embeddings (64x64)")
+                                                 for variant in ("block", "fixed-state")}
+    assert set(results) == expected and all(r["seconds"] > 0 for r in results.values())
+
+
+def test_lds_tiny(tmp_path):
+    """The LDS benchmark end to end at a tiny size; a second call reads the retrained losses from the cache."""
+    from experiments import lds
+
+    argv = ["--subsets", "4", "--test-points", "3", "--n-train", "64", "--epochs", "1", "--variants", "block",
+            "fixed-state", "--damping", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lds.json")]
+    results = lds.main(argv)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one ground truth per optimizer
+    for name in ("sgd", "adamw"):
+        scores = results[name]
+        assert all(np.isfinite(v) and -1 <= v <= 1 for v in scores.values()), scores
+        assert "TracInCP (every-step checkpoints)" in scores and "trajectory LOO (data value embeddings)" in scores
+    assert "In-Run Shapley recorded, order 2 [fixed-state]" in results["adamw"]
+    assert lds.main(argv)["adamw"] == results["adamw"]  # cached ground truth, same recording: same scores
 
 
 def test_bench_engine_tiny(tmp_path):
@@ -76,17 +95,18 @@ def test_bench_engine_tiny(tmp_path):
 def test_bench_fallback_tiny(tmp_path):
     from experiments import bench_fallback
 
-    out = tmp_path / "fallback.json"
-    bench_fallback.main(["--hidden", "16", "--ffn", "32", "--layers", "1", "--heads", "2", "--vocab", "64",
-                         "--seq-len", "8", "--batch", "2", "--val-batch", "1", "--repeats", "1", "--steps", "1",
-                         "--threads", "1", "--out", str(out)])
-    results = json.loads(out.read_text())["results"]
-    assert set(results) == set(bench_fallback.VARIANTS)
-    assert results["norms through the fallback"]["fallback_tensors"] == 3  # two per layer and the final norm
-    assert results["norms frozen"]["fallback_tensors"] == 0
-    for result in results.values():
-        assert all(m["cpu_seconds"] > 0 for m in result["measurements"].values())
-        assert result["loop"]["recorder_cpu_s"] > 0
+    for model, fallback_tensors in (("llama", 3), ("encoder", 4)):  # 2 RMSNorms a layer + the final one; MHA's 4
+        out = tmp_path / f"fallback_{model}.json"
+        bench_fallback.main(["--model", model, "--hidden", "16", "--ffn", "32", "--layers", "1", "--heads", "2",
+                             "--vocab", "64", "--seq-len", "8", "--batch", "2", "--val-batch", "1", "--repeats", "1",
+                             "--steps", "1", "--threads", "1", "--out", str(out)])
+        results = json.loads(out.read_text())["results"]
+        assert set(results) == set(bench_fallback.VARIANTS)
+        assert results["through the fallback"]["fallback_tensors"] == fallback_tensors
+        assert results["frozen"]["fallback_tensors"] == 0
+        for result in results.values():
+            assert all(m["cpu_seconds"] > 0 for m in result["measurements"].values())
+            assert result["loop"]["recorder_cpu_s"] > 0
 
 
 def test_model_coverage_rewrites_only_its_block(tmp_path):
