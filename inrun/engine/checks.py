@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from inrun.engine.algebra import parameter_fixed_dots, parameter_squared_norms
 from inrun.engine.capture import GradientCapture
 from inrun.engine.captured import CapturedBatch, LossFn
+from inrun.engine.factors import Factor, FlatFactor, IndexSide, dense_reference
 from inrun.errors import ExactnessError, InRunError, SampleMixingError
 
 #: relative tolerance of the completeness and spot checks by the lowest precision involved
@@ -322,15 +323,11 @@ def _spot_message(capture, name, i, norm, ref_norm, dot, ref_dot) -> str:
     )
 
 
-def _reference(factor) -> Tensor:
-    from inrun.engine.factors import dense_reference
-
+def _reference(factor: Factor) -> Tensor:
     return dense_reference(factor)
 
 
-def _device_of(factor) -> torch.device:
-    from inrun.engine.factors import FlatFactor, IndexSide
-
+def _device_of(factor: Factor) -> torch.device:
     if isinstance(factor, FlatFactor):
         return factor.data.device
     side = factor.rows
@@ -347,28 +344,12 @@ def spot_samples(n: int, count: int = 2) -> list[int]:
 
 
 # -- one checked batch -----------------------------------------------------------------------------------------------
-@dataclass
-class CheckCost:
-    """Seconds spent in checks (for the README's figures and the coverage report)."""
-
-    seconds: float = 0.0
-    calls: int = 0
-
-
-CHECK_COST = CheckCost()
-
-
 def checked_capture(
     capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, *, spot: int = 2, independence: bool = True
 ) -> CapturedBatch:
     """Like :func:`~inrun.engine.products.capture_batch`, and check the result: sample independence, completeness
     against one backward to the parameters, and the spot check of ``spot`` samples. Raises on any failure."""
-    import time
-
-    from inrun.engine.products import _run_captured_forward
-
-    start = time.perf_counter()
-    from inrun.engine.products import infer_batch_size
+    from inrun.engine.products import _run_captured_forward, infer_batch_size
 
     probe_shapes(capture, model, loss_fn, batch, infer_batch_size(batch))
     params = dict(capture.parameters)
@@ -385,8 +366,6 @@ def checked_capture(
         if samples:
             per_sample = [{k: g for k, g in zip(names, row) if g is not None} for row in sample_grads]
             check_samples(capture, captured, samples, per_sample, grads)
-    CHECK_COST.seconds += time.perf_counter() - start
-    CHECK_COST.calls += 1
     return captured
 
 
