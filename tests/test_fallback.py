@@ -337,3 +337,20 @@ def test_a_registered_handler_replaces_the_fallback():
                                 R.reference_dots(model, sequence_loss, train, val)) < 1e-10
     finally:
         del _BY_TYPE[ScaledLinear]
+
+
+def test_fallback_with_gradient_accumulation():
+    """Two micro-batches collected at once: the fallback's per-sample gradients are joined along the samples."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 6), NanoLayerNorm(6, bias=True), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        model[1].weight.add_(0.3 * torch.randn(6))
+    x = randn(8, 3, 4, seed=15)
+    with GradientCapture(model) as capture:
+        for part in (x[:4], x[4:]):
+            capture.batch_size = 4
+            sequence_loss(model, part).sum().backward()
+        got = capture.collect(num_samples=8).per_sample_gradients()
+    expected = R.per_sample_grads(model, sequence_loss, x)
+    for name in expected:
+        assert R.relative_error(got[name], expected[name]) < 1e-12, name
