@@ -20,6 +20,7 @@ from inrun.callbacks.distributed import all_gather_object, split_validation
 from inrun.store.paths import new_run_id
 from inrun.valuation.arguments import check_recorder_arguments
 from inrun.valuation.recorder import InRunRecorder
+from inrun.valuation.update_rules import DEFAULT_ADAM_VALUES, check_adam_values
 from inrun.valuation.validation import LossFn, validation_batches
 
 
@@ -50,6 +51,9 @@ class InRunCallback(L.Callback):
         update_rule: the rule to value the optimizer's steps with (``"sgd"``, ``"adam"``, ``"adamw"``,
             ``"rmsprop"``, ``"adagrad"``); None reads it from the optimizer, and an optimizer inrun does not know is
             an error before training (name its rule here if it updates exactly like one of these).
+        adam_values: how Adam-family steps are split into per-sample updates (docs/adam-values.md): ``"block"``
+            (default: one step size per parameter tensor, best ranking, SGD cost) or ``"fixed-state"`` (the exact
+            elementwise fixed-state rule); the store's config records it.
         split_validation: with several processes (DDP, DeepSpeed), each rank evaluates its share of the validation
             points and collectives assemble the rest (the values are those of one process; every rank must pass the
             same ``val_data``, which is checked). False: every rank evaluates every point.
@@ -79,8 +83,10 @@ class InRunCallback(L.Callback):
         wandb: Any = None,
         split_validation: bool = True,
         update_rule: str | None = None,
+        adam_values: str = DEFAULT_ADAM_VALUES,
     ):
         super().__init__()
+        check_adam_values(adam_values)
         check_recorder_arguments(
             path=path, val_data=val_data, loss_fn=loss_fn, shapley=shapley, embeddings=embeddings,
             per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
@@ -97,6 +103,7 @@ class InRunCallback(L.Callback):
             embeddings=embeddings, per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
             source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
             overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every, update_rule=update_rule,
+            adam_values=adam_values,
         )
         self.wandb = wandb
         self.split_validation = split_validation

@@ -4,8 +4,7 @@ Stores are built with the library's own ``RunWriter`` (compressed at close, as a
 sample occurrences in steps of ``--batch`` records, sample ids drawn uniformly from a space ``--id-space`` times the
 rows (sparse ids: about 95% distinct at 10x), 4 source labels, both value orders. Each operation runs in a new Python
 process that imports only numpy/h5py/inrun's store (no torch) and reports its wall time and its peak resident memory
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the whole process, interpreter and libraries included; the row
-``(open only)`` is that baseline). ``step_values`` is timed per call over random steps of a separate store with
+(``VmHWM``: the whole process, interpreter and libraries included; the row ``open only`` is that baseline). ``step_values`` is timed per call over random steps of a separate store with
 ``--step-store-steps`` steps (1M by default, 2 records each).
 
 ``--baseline`` runs the same operations with the reader of an earlier commit (``--baseline-commit``, default the one
@@ -110,8 +109,20 @@ def child(operation: str, store: str, baseline: str | None, out_dir: str) -> dic
             return {"skipped": "the baseline has no Parquet export"}
         cli.export(store, None, None, parquet_dir=os.path.join(out_dir, "parquet"))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_bytes": peak, **extra}
+    return {"seconds": seconds, "peak_bytes": peak_rss(), **extra}
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process: ``VmHWM`` (reset by exec, unlike ``ru_maxrss``, which keeps the
+    high-water mark of the parent process that forked this one); ``ru_maxrss`` where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(operation: str, store: Path, baseline: Path | None, timeout: float) -> dict:

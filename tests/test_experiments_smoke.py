@@ -119,3 +119,26 @@ def test_model_coverage_rewrites_only_its_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{model_coverage.END}\nafter\n")
     assert "old table" not in text and "| groupnorm_cnn |" in text and "samples mixed" in text
+
+
+def test_bench_reader_tiny(tmp_path, capsys):
+    from experiments import bench_reader
+
+    bench_reader.main(["--rows", "3000", "6000", "--batch", "64", "--step-store-steps", "300", "--workdir",
+                       str(tmp_path), "--operations", "open only", "sample_values", "top_k", "export parquet",
+                       "--json", str(tmp_path / "figures.json")])
+    out = capsys.readouterr().out
+    assert "extrapolated to 1,000,000,000 rows" in out and "ms per call" in out
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    for rows in ("3000", "6000"):
+        for operation in ("sample_values", "top_k", "export parquet"):
+            assert figures["rows"][rows][operation]["streamed"]["seconds"] > 0, (rows, operation)
+    assert figures["step_values"]["streamed"]["steps"] == 300
+
+
+def test_embedding_sizing_quick(capsys):
+    from experiments import embedding_sizing
+
+    embedding_sizing.main(["--quick", "--points", "6"])
+    out = capsys.readouterr().out
+    assert "| 2 x 2 |" in out and "| 4 x 4 | flat_k = 4 |" in out

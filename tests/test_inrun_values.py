@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrun.valuation.recorder import InRunRecorder
+from inrun.valuation.update_rules import DEFAULT_ADAM_VALUES
 from tests.reference import per_sample_grads
 
 DTYPE = torch.float64
@@ -164,14 +165,20 @@ class ReplayStep:
     scale: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # D
 
 
-def adam_scale(optimizer: torch.optim.Optimizer, param: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
-    """The fixed-state Adam/AdamW scale of ALGORITHMS.md, from the optimizer's state before it steps."""
+def adam_scale(optimizer: torch.optim.Optimizer, param: torch.Tensor, grad: torch.Tensor, group: dict,
+               adam_values: str = "fixed-state") -> torch.Tensor:
+    """The fixed-state Adam/AdamW scale of ALGORITHMS.md, from the optimizer's state before it steps; with
+    ``adam_values="block"`` its one-number summary per tensor, ``sum(D G^2) / sum(G^2)`` (docs/adam-values.md)."""
     beta1, beta2 = group["betas"]
     state = optimizer.state.get(param, {})
     t = int(state.get("step", 0)) + 1
     full = grad + group["weight_decay"] * param.detach() if type(optimizer) is torch.optim.Adam else grad
     v = beta2 * state.get("exp_avg_sq", torch.zeros_like(param)) + (1 - beta2) * full**2
-    return group["lr"] * (1 - beta1) / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+    fixed = group["lr"] * (1 - beta1) / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+    if adam_values == "fixed-state":
+        return fixed
+    assert adam_values == "block", adam_values
+    return torch.full_like(fixed, float((fixed * grad**2).sum() / (grad**2).sum()))
 
 
 def replay(
@@ -182,6 +189,7 @@ def replay(
     *,
     clip_norm: float | None = None,
     world_size: int = 1,
+    adam_values: str = DEFAULT_ADAM_VALUES,
 ) -> list[ReplayStep]:
     """Re-run training on a fresh copy of ``model`` (same initial parameters) and compute every step's values.
 
@@ -219,7 +227,7 @@ def replay(
             for p in group["params"]:
                 k = next(name for name, q in named.items() if q is p)
                 if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-                    scale[k] = adam_scale(optimizer, p, G[k], group)
+                    scale[k] = adam_scale(optimizer, p, G[k], group, adam_values)
                 else:
                     # SGD, with momentum (no dampening, no Nesterov) and weight decay: the step is
                     # -lr (momentum * buffer + wd * theta + G), so D = lr and the rest is Delta_0
@@ -295,15 +303,18 @@ def sgd_two_groups(model):
 
 @pytest.mark.parametrize("shapley", ["first", "second"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-@pytest.mark.parametrize("make_optimizer", [sgd, adamw, adam_l2], ids=["sgd", "adamw", "adam-l2"])
-def test_values_match_an_independent_replay(tmp_path, make_optimizer, accumulate, shapley):
+@pytest.mark.parametrize("make_optimizer, adam_values",
+                         [(sgd, DEFAULT_ADAM_VALUES), (adamw, "fixed-state"), (adam_l2, "fixed-state"),
+                          (adamw, "block"), (adam_l2, "block")],
+                         ids=["sgd", "adamw", "adam-l2", "adamw-block", "adam-l2-block"])
+def test_values_match_an_independent_replay(tmp_path, make_optimizer, adam_values, accumulate, shapley):
     x, y, val = make_data()
     model = make_mlp()
     init = copy.deepcopy(model)
     plan = schedule(n_steps=5, batch=4, accumulate=accumulate, n=len(y))
     steps_table, records = record_run(model, make_optimizer(model), plan, x, y, val, tmp_path / "run.h5",
-                                      shapley=shapley)
-    reference = replay(init, make_optimizer, plan, x, y, val)
+                                      shapley=shapley, adam_values=adam_values)
+    reference = replay(init, make_optimizer, plan, x, y, val, adam_values=adam_values)
     orders = (1,) if shapley == "first" else (1, 2)
     assert_values_match(steps_table, records, reference, orders=orders)
     if shapley == "first":

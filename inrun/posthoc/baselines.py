@@ -6,7 +6,11 @@ direct implementations of the formulas) and one that reads a run (``tracin``, ``
 ``[n_ids, n_test]`` with ids in the order of ``run.sample_ids``.
 
 * TracIn with the final model's test gradient: ``sum_t sum_b eta_{t,b} <P_b g_test, P_b c_i(t)>`` over the recorded
-  occurrences (DVEmb with H = 0). Needs nothing but the run.
+  occurrences (DVEmb with H = 0). Needs nothing but the run and the final model (:func:`tracin`).
+* TracInCP (Pruthi et al. 2020) over the run's model checkpoints: ``sum_c sum_b w_{c,b} <P_b g_test(theta_c),
+  P_b g_i(theta_c)>`` with every training sample's loss gradient recomputed at each checkpoint and
+  ``w_{c,b} = sum_{t covered by c} eta_{t,b} / n_train`` (a sample's expected contribution per step is
+  ``g_i / n_train`` under a mean loss); ``eta_{t,b}`` is the recorded update scale of block b (:func:`tracin_cp`).
 * LoGra-style influence: the influence-function value ``I(z) = -g_test^T (F + lambda I)^{-1} g_z`` with ``F`` the
   projected empirical Fisher ``(1/n) sum_i g_i g_i^T`` of the final model's per-sample training gradients (per layer
   block by default, as LoGra does). Reported as helpfulness ``-I(z) = g_test^T (F + lambda I)^{-1} g_z``.
@@ -150,6 +154,58 @@ def tracin(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, *,
     return _per_id(run, ids, sums)
 
 
+def tracin_cp(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, train_data: Any, *,
+              checkpoints: "dict[int, Any] | str | None" = None, index_key: str = "index",
+              index_fn: Callable[[Any], Tensor] | None = None) -> np.ndarray:
+    """TracInCP over the run's model checkpoints (``checkpoint_every`` at recording time), as helpfulness.
+
+    Each checkpoint ``c`` (the model at the start of step ``s_c``) stands for the steps up to the next one; its
+    weight per layer block is the sum of the recorded update scales of those steps over the number of training
+    samples. The training samples' gradients are recomputed at every checkpoint from ``train_data`` (batches carrying
+    their dataset indices). ``[n_ids, n_test]`` in ``run.sample_ids`` order (NaN for samples not in ``train_data``).
+    ``model`` is restored to its own parameters afterwards.
+    """
+    from pathlib import Path
+
+    from inrun.posthoc.values import _load_state
+    from inrun.store.paths import find_checkpoints
+
+    found = ({int(k): Path(v) for k, v in checkpoints.items()} if isinstance(checkpoints, dict)
+             else find_checkpoints(run, checkpoints))
+    if not found:
+        raise EmbeddingsError(f"{run.paths[0]} has no model checkpoints; TracInCP needs them: record with "
+                              "checkpoint_every=k (or pass checkpoints={step: file}); tracin() uses the final model only")
+    projector = load_projector(run)
+    record = RunRecord(run)
+    try:
+        step_numbers, scales = record.step_numbers, record.scales
+    finally:
+        record.close()
+    starts = sorted(found)
+    original = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    total, ids = None, None
+    try:
+        for position, start in enumerate(starts):
+            end = starts[position + 1] if position + 1 < len(starts) else int(step_numbers.max(initial=-1)) + 1
+            covered = (step_numbers >= start) & (step_numbers < end)
+            if not covered.any():
+                continue
+            model.load_state_dict(_load_state(found[start], run))
+            train_ids, train = training_gradients(projector, model, loss_fn, train_data, index_key=index_key,
+                                                  index_fn=index_fn)
+            test = project_test_gradients(projector, model, loss_fn, test_batch)
+            weights = scales[covered].sum(axis=0) / len(train_ids)
+            part = tracin_scores(train, np.broadcast_to(weights, (len(train), len(weights))), test, projector.layout)
+            if ids is not None and not np.array_equal(ids, train_ids):
+                raise EmbeddingsError("train_data gave different sample ids at different checkpoints")
+            ids, total = train_ids, part if total is None else total + part
+    finally:
+        model.load_state_dict(original)
+    if total is None:
+        raise EmbeddingsError("no recorded step falls after any checkpoint; nothing to sum")
+    return _per_id(run, ids, total)
+
+
 def _batches(data: Any) -> Iterable[Any]:
     if isinstance(data, (dict, Tensor, tuple)):
         return [data]
@@ -217,4 +273,4 @@ def datainf(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, train_
     return _per_id(run, ids, datainf_scores(train, test, projector.layout, damping=damping))
 
 
-__all__ = ["tracin", "logra", "datainf", "training_gradients", "tracin_scores", "logra_scores", "datainf_scores"]
+__all__ = ["tracin", "tracin_cp", "logra", "datainf", "training_gradients", "tracin_scores", "logra_scores", "datainf_scores"]

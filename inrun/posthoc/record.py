@@ -56,7 +56,7 @@ def require_embeddings(run: Run) -> None:
 def read_projection(run: Run) -> tuple[list[BlockLayout], dict[str, tuple[Tensor | None, Tensor | None]], ProjectionSettings]:
     """The recorded layout, projection matrices (float64) and settings of ``run`` (from rank 0's file)."""
     require_embeddings(run)
-    with h5py.File(run.paths[0], "r") as f:
+    with h5py.File(run.paths[0], "r", locking=False) as f:  # the Run holds it open without locking
         if "projection" not in f:
             raise EmbeddingsError(f"{run.paths[0]} has records/proj_grad but no 'projection' group: the file is damaged")
         group = f["projection"]

@@ -9,12 +9,13 @@ contributions ``P c_i(t)`` and the model checkpoints give the same quantities ap
   steps exist (exactly the in-run midpoint for plain SGD; for Adam it differs by Delta_0 / 2), else the first-order
   choice.
 
-``scale_t`` is each layer block's recorded update scale (SGD: the learning rate, exact; Adam: its elementwise
-fixed-state scale reduced to the step size along the gradient taken, an approximation). Test gradients are projected once per checkpoint; the stored steps are streamed.
+``scale_t`` is each layer block's recorded update scale (SGD: the learning rate, exact; Adam: the step size along the
+gradient taken, ``sum(D G^2) / sum(G^2)``, which is exactly the in-run ``adam_values="block"`` scale). Test gradients are projected once per checkpoint; the stored steps are streamed.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +31,9 @@ from inrun.errors import BatchMismatchError, InRunError
 from inrun.posthoc.record import EmbeddingsError, load_projector, project_test_gradients
 from inrun.store.paths import find_checkpoints
 from inrun.store.reader import Run
+
+#: the suffix of a step's second-order note where it fell back to the first-order test gradient
+NO_MIDPOINT = " (no midpoint)"
 
 
 class CheckpointError(InRunError, ValueError):
@@ -48,6 +52,21 @@ class PosthocValues:
     step_second: np.ndarray
     approximation: list[str] = field(default_factory=list)  # per step, first order
     approximation_second: list[str] = field(default_factory=list)  # per step, second order
+
+    @property
+    def second_order_fallbacks(self) -> int:
+        """Steps whose second-order value fell back to the first-order one (no checkpoints of both step t and t+1,
+        so no midpoint): there ``step_second`` equals ``step_first``."""
+        return sum(1 for note in self.approximation_second if note.endswith(NO_MIDPOINT))
+
+    def fallback_note(self) -> str | None:
+        """A sentence saying where second order fell back to first order, or None where it never did."""
+        fallbacks, total = self.second_order_fallbacks, len(self.approximation_second)
+        if not fallbacks:
+            return None
+        return (f"second order fell back to first order at {fallbacks} of {total} steps (no checkpoints of both "
+                "step t and t+1 to take the midpoint); record with checkpoint_every=1 for second-order post-hoc values"
+                + (": the order-2 values equal order 1" if fallbacks == total else ""))
 
     def summed(self, order: int = 1) -> np.ndarray:
         """Values summed over the test points: ``[n_ids]``."""
@@ -140,7 +159,7 @@ def _first_order_choice(step: int, available: list[int]) -> tuple[int | None, st
 
 def _step_rows(run: Run) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """For each recorded step: (step, proj_scale [n_blocks], sample ids [rows], projected rows [rows, D]), all ranks."""
-    files = [h5py.File(path, "r") for path in run.paths]
+    files = [h5py.File(path, "r", locking=False) for path in run.paths]  # readers never lock (NOTES.md)
     try:
         tables = []
         for f in files:
@@ -178,7 +197,13 @@ def posthoc_values(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any,
 
     ``model``: the trained model (used as the final model where no checkpoint serves); ``loss_fn(model, batch) ->
     Tensor[n]``; ``checkpoints``: ``{step: file}``, a folder, or None for the run's own (``checkpoint_every``).
-    The result's ``approximation`` says, per step, which parameters the test gradient was taken at.
+    The result's ``approximation`` says, per step, which parameters the test gradient was taken at;
+    ``second_order_fallbacks`` / ``fallback_note()`` say where second order fell back to first order (a warning too).
+
+    Exact (equal to the in-run values for the same points, to float precision) only for SGD-family rules with
+    checkpoints at every step and projections that keep every layer whole. Adam runs use one update scale per layer
+    block (the ``"block"`` Adam values, the in-run default, which they then reproduce); against in-run values
+    recorded with ``adam_values="fixed-state"`` they differ (docs/adam-values.md).
     """
     if "proj_grad" not in run.record_columns:
         raise EmbeddingsError(
@@ -204,7 +229,7 @@ def posthoc_values(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any,
         if step in found and step + 1 in found:
             g2, note2 = gradients.midpoint(step), "midpoint of checkpoints"
         else:
-            g2, note2 = g1, f"{note} (no midpoint)"
+            g2, note2 = g1, f"{note}{NO_MIDPOINT}"
         values1 = rows @ _scaled(g1, scales, projector).T
         values2 = rows @ _scaled(g2, scales, projector).T
         where = np.searchsorted(ids, sample_ids)
@@ -216,9 +241,13 @@ def posthoc_values(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any,
         notes.append(note)
         notes2.append(note2)
     empty = np.zeros((0, n_test))
-    return PosthocValues(
+    result = PosthocValues(
         sample_ids=ids, first=first, second=second, steps=np.asarray(step_numbers, dtype=np.int64),
         step_first=np.asarray(step_first) if step_first else empty,
         step_second=np.asarray(step_second) if step_second else empty,
         approximation=notes, approximation_second=notes2,
     )
+    note = result.fallback_note()
+    if note is not None:
+        warnings.warn(f"post-hoc values: {note}", stacklevel=2)
+    return result

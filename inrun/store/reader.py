@@ -599,6 +599,10 @@ class Run:
             raise ValueError(f"window must be >= 1 step, got {window}")
         self._check_normalize(normalize)
         name = self._check_recorded(order)
+        return self._cached(("phases", window, order, by_source, normalize),
+                            lambda: self._phases(name, window, by_source, normalize), keep=4)
+
+    def _phases(self, name: str, window: int, by_source: bool, normalize: str) -> PhaseValues:
         n_phases = self._num_phases(window)
         starts = np.arange(n_phases, dtype=np.int64) * window
         sources = np.zeros(0, np.int64)  # source labels seen, ascending (one row of `sums` each)

@@ -52,8 +52,10 @@ from inrun.valuation.arguments import (
     sample_ids_from,
     source_labels_from,
 )
-from inrun.valuation.shapley import MicroBatch, StepValues, sample_ids_of, sources_of, value_step
+from inrun.valuation.shapley import MicroBatch, StepValues, sample_ids_of, sample_sq_sums, sources_of, value_step
 from inrun.valuation.update_rules import (
+    DEFAULT_ADAM_VALUES,
+    check_adam_values,
     clip_coefficient,
     resolve_rule,
     update_terms,
@@ -136,10 +138,13 @@ class InRunRecorder:
         checkpoint_every: int | None = None,
         extra_config: dict | None = None,
         update_rule: str | None = None,
+        adam_values: str = DEFAULT_ADAM_VALUES,
         check: bool = True,
         check_every: int | None = None,
     ):
         # every argument is checked here, before any training step and before anything is written
+        #: how Adam-family steps are split into per-sample updates (update_rules.ADAM_VALUES, docs/adam-values.md)
+        self.adam_values = check_adam_values(adam_values)
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_distribution(rank, world_size, gradient_divisor, run_id, extra_config)
@@ -331,6 +336,7 @@ class InRunRecorder:
             # False: no validation data (embeddings only); no validation loss recorded (NaN in the steps table)
             "has_validation_data": self.validation is not None,
             "record_norms": self.record_norms,
+            "adam_values": self.adam_values,
             "index_key": self.index_key,
             "checkpoint_every": self.checkpoint_every,
             "model_class": type(self.model).__name__,
@@ -456,7 +462,9 @@ class InRunRecorder:
                 mb.captured = mb.captured.scaled(coefficient)
         # embeddings only: the update scale of the projected parameters, on the steps that are projected
         needed = grads if self.order > 0 else self._projected_grads(grads, step)
-        terms = {} if not needed else update_terms(optimizer, self.params, needed, rule=self._rule)
+        sq_sums = sample_sq_sums(microbatches) if self.adam_values == "noise-eps" else None
+        terms = {} if not needed else update_terms(optimizer, self.params, needed, rule=self._rule,
+                                                   adam_values=self.adam_values, sample_sq_sums=sq_sums)
         if self.order > 0:
             values = value_step(
                 microbatches, terms, grads, self.validation, self.params,

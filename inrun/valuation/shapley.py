@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from inrun.engine.algebra import parameter_dots
+from inrun.engine.algebra import parameter_dots, parameter_squared_norms
 from inrun.engine.captured import CapturedBatch
 from inrun.engine.factors import FlatFactor, IndexSide
 from inrun.valuation.update_rules import UpdateTerms
@@ -54,25 +54,52 @@ class StepValues:
     extras: dict = field(default_factory=dict)
 
 
-def _scaled(terms: dict[str, UpdateTerms], vectors: dict[str, Tensor], stacked: bool = False) -> dict[str, Tensor]:
-    """``D * v`` per parameter (``D`` broadcast over a leading validation-point axis when ``stacked``)."""
-    found = {}
-    for name, term in terms.items():
-        if name in vectors:
-            found[name] = (term.scale.unsqueeze(0) if stacked and isinstance(term.scale, Tensor) else term.scale) * vectors[name]
-    return found
-
-
 def _update_shifts(terms: dict[str, UpdateTerms], grads: dict[str, Tensor], fraction_of_batch: float) -> dict[str, Tensor]:
-    """``Delta_0 + fraction * Delta_B`` per parameter, with ``Delta_B = -D * G``."""
+    """``Delta_0 + fraction * Delta_B`` per parameter, with ``Delta_B = -D * G`` (one new tensor per parameter)."""
     shifts = {}
     for name, term in terms.items():
-        shift = -fraction_of_batch * term.scale * grads[name] if fraction_of_batch else None
-        if term.delta0 is not None:
-            shift = term.delta0 if shift is None else shift + term.delta0
+        shift = None
+        if fraction_of_batch:
+            if isinstance(term.scale, Tensor):
+                shift = (torch.addcmul(term.delta0, term.scale, grads[name], value=-fraction_of_batch)
+                         if term.delta0 is not None else term.scale * grads[name] * -fraction_of_batch)
+            else:
+                shift = grads[name] * (-fraction_of_batch * float(term.scale))
+                if term.delta0 is not None:
+                    shift.add_(term.delta0)
+        elif term.delta0 is not None:
+            shift = term.delta0
         if shift is not None:
             shifts[name] = shift if isinstance(shift, Tensor) else torch.as_tensor(shift)
     return shifts
+
+
+def _stacked_directions(terms: dict[str, UpdateTerms], parts: list[tuple[dict[str, Tensor], bool]]
+                        ) -> tuple[dict[str, Tensor], list[slice]]:
+    """Every direction ``D * v`` the samples' contributions are multiplied with, stacked per parameter into one
+    ``[m, *shape]`` tensor (written in place, no intermediate copies), so that one fused product per layer gives all
+    of them: ``parts`` are ``(vectors, stacked)`` pairs (``stacked``: ``vectors[name]`` is ``[k, *shape]``).
+    Returns the stacks and each part's column range of the product."""
+    widths = []
+    for vectors, stacked in parts:
+        sample = next(iter(vectors.values()), None)
+        widths.append(sample.shape[0] if stacked and sample is not None else 1)
+    columns, start = [], 0
+    for width in widths:
+        columns.append(slice(start, start + width))
+        start += width
+    out: dict[str, Tensor] = {}
+    for name, term in terms.items():
+        if not all(name in vectors for vectors, _ in parts):
+            continue
+        first = parts[0][0][name]
+        shape = first.shape[1:] if parts[0][1] else first.shape
+        buffer = first.new_empty((start, *shape))
+        for (vectors, stacked), column in zip(parts, columns):
+            target = buffer[column] if stacked else buffer[column.start]
+            torch.mul(vectors[name], term.scale, out=target)
+        out[name] = buffer
+    return out, columns
 
 
 def _ghost_values(microbatches: list[MicroBatch], terms: dict[str, UpdateTerms], val_parts: list) -> np.ndarray:
@@ -164,6 +191,22 @@ def _value_step_ghost(microbatches, terms, grads, validation, params, *, second_
     )
 
 
+def _part_kinds(per_val_point: bool, second_order: bool) -> list[tuple[None, bool]]:
+    """Which parts of :func:`value_step`'s stacked directions are per validation point, in order."""
+    kinds = [(None, False)] + ([(None, True)] if per_val_point else [])
+    return kinds + (kinds if second_order else [])
+
+
+def sample_sq_sums(microbatches: list[MicroBatch]) -> dict[str, float]:
+    """``sum_i |c_i|^2`` per parameter over the step's samples (ghost norms), for ``adam_values="noise-eps"``."""
+    totals: dict[str, float] = {}
+    for mb in microbatches:
+        for name, uses in mb.captured.factors.items():
+            norms, _ = parameter_squared_norms(uses, memory_budget=mb.captured.memory_budget)
+            totals[name] = totals.get(name, 0.0) + float(norms.double().sum())
+    return totals
+
+
 def sample_ids_of(microbatches: list[MicroBatch]) -> np.ndarray:
     return torch.cat([mb.sample_ids.reshape(-1) for mb in microbatches]).cpu().numpy().astype(np.int64)
 
@@ -194,8 +237,6 @@ def value_step(
         return _value_step_ghost(microbatches, terms, grads, validation, params, second_order=second_order,
                                  per_val_point=per_val_point, record_norms=record_norms)
     val_loss, val_grad = validation.gradient(params)
-    direction = _scaled(terms, val_grad)
-    direction_norm_sq = float(sum(float((w.double() ** 2).sum()) for w in direction.values()))
 
     base_shift = _update_shifts(terms, grads, 0.0)
     val_loss_base = val_loss
@@ -203,24 +244,30 @@ def value_step(
         with shifted_parameters(params, base_shift):
             val_loss_base = validation.loss()
 
-    # Every direction the samples' contributions are multiplied with, then one fused pass per micro-batch.
-    directions: list[tuple[dict[str, Tensor], bool]] = [(direction, False)]
+    # Every direction the samples' contributions are multiplied with, stacked per parameter: one fused product
+    # per layer and micro-batch gives the first- and second-order values (and per-point ones) together.
+    parts: list[tuple[dict[str, Tensor], bool]] = [(val_grad, False)]
     if per_val_point:
-        directions.append((_scaled(terms, validation.per_point_gradients(), stacked=True), True))
+        parts.append((validation.per_point_gradients(), True))
     if second_order:
         with shifted_parameters(params, _update_shifts(terms, grads, 0.5)):
             _, mid_grad = validation.gradient(params)
-            directions.append((_scaled(terms, mid_grad), False))
+            parts.append((mid_grad, False))
             if per_val_point:
-                directions.append((_scaled(terms, validation.per_point_gradients(), stacked=True), True))
-    columns: list[list[Tensor]] = [[] for _ in directions]
-    norm_parts = []
+                parts.append((validation.per_point_gradients(), True))
+    stacks, column_ranges = _stacked_directions(terms, parts)
+    del parts, val_grad  # the stacks hold what is needed
+    direction_norm_sq = float(sum(float(stack[0].double().square().sum()) for stack in stacks.values()))
+    product_parts, norm_parts = [], []
     for mb in microbatches:
-        products, norms = mb.captured.fixed_dots_and_norms(directions, norms=record_norms)
-        for column, product in zip(columns, products):
-            column.append(product)
+        products, norms = mb.captured.fixed_dots_and_norms([(stacks, True)], norms=record_norms)
+        product_parts.append(products[0])
         norm_parts.append(norms)
-    arrays = [torch.cat(column).detach().double().cpu().numpy() for column in columns]
+    product = torch.cat(product_parts).detach().double().cpu().numpy()
+    if not stacks:  # no parameter the validation loss reaches: every value is zero
+        product = np.zeros((product.shape[0], column_ranges[-1].stop))
+    arrays = [product[:, column] if stacked else product[:, column.start]
+              for column, (_, stacked) in zip(column_ranges, _part_kinds(per_val_point, second_order))]
     value_1 = arrays.pop(0)
     per_val_1 = arrays.pop(0) if per_val_point else None
     value_2 = arrays.pop(0) if second_order else None

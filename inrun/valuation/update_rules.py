@@ -144,38 +144,167 @@ def _sgd_terms(param: Tensor, grad: Tensor, state: dict, group: dict) -> UpdateT
     return UpdateTerms(lr * scale, None if base is None else -lr * base)
 
 
-def _adam_terms(param: Tensor, grad: Tensor, state: dict, group: dict, decoupled: bool) -> UpdateTerms:
+#: How an Adam-family step is turned into per-sample updates ``u_i = -scale * c_i`` (docs/adam-values.md). Every
+#: variant describes the same real step: ``delta0`` takes whatever part of it the samples' modelled updates leave out.
+#:
+#: * ``"block"`` (default): one scale per parameter tensor, the step size along the gradient actually taken,
+#:   ``s = sum(D G^2) / sum(G^2)`` with ``D`` the fixed-state scale. Ranks data best (LDS, docs/adam-values.md) and
+#:   values by ghost dot products with the validation points' factors, at the cost of SGD.
+#: * ``"fixed-state"``: the exact fixed-state linearisation ``D = lr (1-b1)/(1-b1^t) / (sqrt(v_hat_t) + eps)``,
+#:   elementwise (arXiv 2602.00329): one weight-sized product per layer; at the first steps ``v_hat = G^2`` makes
+#:   ``D`` huge where the samples' gradients cancel, and those coordinates dominate the values.
+#: * ``"factored"``: ``D`` from a rank-1 (Adafactor-style) model of ``v_hat``: ``v ~ rowsum (x) colsum / sum``.
+#: * ``"floored"``: ``v_hat`` floored at its mean over the tensor.
+#: * ``"previous"``: the second moment of the previous state, floored at the mean of the current one.
+#: * ``"noise-eps"``: ``sqrt(v_hat + sigma^2)``, ``sigma^2 = sum_i |c_i|^2 / numel``, the per-coordinate variance of
+#:   the batch gradient the samples' own contributions imply.
+#: * ``"jacobian"``: the derivative of the real Adam step with respect to the gradient, the second moment's
+#:   dependence included (elementwise).
+#: * ``"block-jacobian"``: the ``"block"`` summary of the ``"jacobian"`` scale, ``sum(J G^2) / sum(G^2)``.
+ADAM_VALUES = ("block", "fixed-state", "factored", "floored", "previous", "noise-eps", "jacobian", "block-jacobian")
+DEFAULT_ADAM_VALUES = "block"
+#: variants whose scale is one number per parameter (values by ghost dot products)
+SCALAR_ADAM_VALUES = ("block", "block-jacobian")
+
+
+def check_adam_values(adam_values: str) -> str:
+    """``adam_values`` if it names a variant, else a ValueError naming the choices."""
+    if adam_values not in ADAM_VALUES:
+        raise ValueError(f"adam_values must be one of {', '.join(map(repr, ADAM_VALUES))}, got {adam_values!r}; "
+                         f"{DEFAULT_ADAM_VALUES!r} is the default and 'fixed-state' the exact fixed-state rule")
+    return adam_values
+
+
+def block_scale(scale: Tensor, grad: Tensor) -> float:
+    """``sum(D G^2) / sum(G^2)``: the step size along the gradient taken (the mean of ``D`` where ``G`` is zero)."""
+    squared = grad.double().square()
+    total = float(squared.sum())
+    return float((scale.double() * squared).sum()) / total if total > 0 else float(scale.double().mean())
+
+
+def _adam_terms(param: Tensor, grad: Tensor, state: dict, group: dict, decoupled: bool, variant: str = "fixed-state",
+                sample_sq_sum: float | None = None) -> UpdateTerms:
+    """The real Adam/AdamW step as ``delta0 - D * G`` (fixed-state ``D``), then re-split for ``variant``.
+
+    In place where it can be: the scale, ``delta0`` and (Adam with L2 decay) the decayed gradient are the only
+    parameter-sized tensors allocated.
+    """
     lr, eps, wd = group["lr"], group["eps"], group.get("weight_decay", 0.0)
     beta1, beta2 = group["betas"]
     step = _step_count(state) + 1
     full = grad if (decoupled or not wd) else grad + wd * param
-    exp_avg = state.get("exp_avg", torch.zeros_like(param))
-    exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(param))
-    second = beta2 * exp_avg_sq + (1 - beta2) * full * full
-    if group.get("amsgrad"):
-        second = torch.maximum(state.get("max_exp_avg_sq", torch.zeros_like(param)), second)
+    exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
+    second = exp_avg_sq * beta2 if exp_avg_sq is not None else torch.zeros_like(param)
+    second.addcmul_(full, full, value=1 - beta2)  # v_t from the full batch
+    if group.get("amsgrad") and state.get("max_exp_avg_sq") is not None:
+        torch.maximum(state["max_exp_avg_sq"], second, out=second)
+    bias2 = 1 - beta2**step
     first_correction = 1 - beta1**step
-    denominator = (second / (1 - beta2**step)).sqrt() + eps
-    scale = lr * (1 - beta1) / first_correction / denominator
-    base_moment = beta1 * exp_avg
+    numerator = lr * (1 - beta1) / first_correction
+    v_hat = second.div_(bias2)  # v_hat (in place)
+    if variant == "block":
+        return _adam_block_terms(param, grad, full, exp_avg, v_hat, group, decoupled, numerator, first_correction)
+    jacobian_term = None
+    if variant in ("jacobian", "block-jacobian"):  # d/dG of sqrt(v_hat) times the momentum the step divides
+        if exp_avg is not None:
+            momentum = (exp_avg * beta1).add_(full, alpha=1 - beta1)
+        else:
+            momentum = full * (1 - beta1)
+        jacobian_term = momentum.mul_(full).mul_(lr * (1 - beta2) / (first_correction * bias2))
+    denominator = v_hat.sqrt()
+    if jacobian_term is not None:
+        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        jacobian_term.div_(safe).mul_(denominator > 0)
+    denominator.add_(eps)
+    scale = denominator.reciprocal_().mul_(numerator)  # D, in the denominator's storage
+    # delta0 = -lr / bc1 / (sqrt(v_hat) + eps) * (beta1 m + (1 - beta1) wd theta [L2]) - lr wd theta [decoupled]
+    delta0 = None
+    if exp_avg is not None and beta1:
+        delta0 = torch.mul(exp_avg, scale).mul_(-beta1 / (1 - beta1))
     if wd and not decoupled:
-        base_moment = base_moment + (1 - beta1) * wd * param
-    delta0 = -lr * base_moment / first_correction / denominator
+        delta0 = -wd * param * scale if delta0 is None else delta0.addcmul_(param, scale, value=-wd)
     if wd and decoupled:
-        delta0 = delta0 - lr * wd * param
+        delta0 = -lr * wd * param if delta0 is None else delta0.add_(param, alpha=-lr * wd)
+    if variant == "fixed-state":
+        return UpdateTerms(scale, delta0)
+    if variant == "block":
+        modelled: Tensor | float = block_scale(scale, grad)
+    elif variant in ("jacobian", "block-jacobian"):
+        # D - lr m f (1 - b2) / (bc1 bc2 sqrt(v_hat) s^2), with 1 / s^2 = D^2 / numerator^2
+        modelled = scale - jacobian_term.mul_(scale).mul_(scale).div_(numerator**2)
+        if variant == "block-jacobian":
+            modelled = block_scale(modelled, grad)
+    else:
+        v_hat = (1.0 / scale * numerator - eps).clamp_(min=0).square_()  # v_hat again, from D
+        if variant == "floored":
+            v_model = v_hat.clamp(min=float(v_hat.mean()))
+        elif variant == "previous":
+            if exp_avg_sq is not None and step > 1:
+                v_model = (exp_avg_sq / (1 - beta2 ** (step - 1))).clamp_(min=float(v_hat.mean()))
+            else:
+                v_model = torch.full_like(v_hat, float(v_hat.mean()))
+        elif variant == "factored":
+            if param.dim() >= 2:
+                matrix = v_hat.reshape(param.shape[0], -1)
+                rows, cols = matrix.sum(1), matrix.sum(0)
+                total = rows.sum().clamp(min=torch.finfo(v_hat.dtype).tiny)
+                v_model = (rows[:, None] * cols[None, :] / total).reshape(param.shape)
+            else:
+                v_model = torch.full_like(v_hat, float(v_hat.mean()))
+        elif variant == "noise-eps":
+            if sample_sq_sum is None:
+                raise ValueError("adam_values='noise-eps' needs the samples' squared contributions per parameter")
+            v_model = v_hat + sample_sq_sum / param.numel()
+        else:
+            raise ValueError(check_adam_values(variant))
+        modelled = v_model.sqrt_().add_(eps).reciprocal_().mul_(numerator)
+    # the same real step: delta0 absorbs (modelled - D) * G
+    correction = grad * (modelled - scale) if isinstance(modelled, Tensor) else grad * modelled - grad * scale
+    delta0 = correction if delta0 is None else delta0.add_(correction)
+    return UpdateTerms(modelled, delta0)
+
+
+def _adam_block_terms(param: Tensor, grad: Tensor, full: Tensor, exp_avg: Tensor | None, v_hat: Tensor, group: dict,
+                      decoupled: bool, numerator: float, first_correction: float) -> UpdateTerms:
+    """``"block"`` without the elementwise scale as a tensor: ``s = numerator sum(G^2 / denominator) / sum(G^2)`` and
+    ``delta0 = (the real step) + s G``; three parameter-sized tensors, about ten passes over them."""
+    lr, eps, wd = group["lr"], group["eps"], group.get("weight_decay", 0.0)
+    beta1 = group["betas"][0]
+    denominator = v_hat.sqrt_().add_(eps)  # in v_hat's storage
+    squared = grad.square()
+    total = float(squared.sum(dtype=torch.float64))
+    if total > 0:
+        scale = numerator * float(squared.div_(denominator).sum(dtype=torch.float64)) / total
+    else:
+        scale = numerator * float(denominator.reciprocal().sum(dtype=torch.float64)) / max(grad.numel(), 1)
+    del squared
+    # the real step: -lr / bc1 * (beta1 m + (1 - beta1) full) / denominator [- lr wd theta, decoupled]
+    delta0 = torch.mul(full, 1 - beta1)
+    if exp_avg is not None:
+        delta0.add_(exp_avg, alpha=beta1)
+    delta0.div_(denominator).mul_(-lr / first_correction)
+    if wd and decoupled:
+        delta0.add_(param, alpha=-lr * wd)
+    delta0.add_(grad, alpha=scale)  # minus the samples' modelled part, -s G
     return UpdateTerms(scale, delta0)
 
 
 def update_terms(
-    optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: dict[str, Tensor], rule: str | None = None
+    optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: dict[str, Tensor], rule: str | None = None,
+    *, adam_values: str = "fixed-state", sample_sq_sums: dict[str, float] | None = None,
 ) -> dict[str, UpdateTerms]:
     """The step's ``UpdateTerms`` for each named parameter that the optimizer updates (call before it steps).
+
+    Every variant reproduces the real step: ``theta_{t+1} = theta_t + delta0 - scale * G``. ``adam_values`` chooses
+    how an Adam-family step is split into per-sample updates (:data:`ADAM_VALUES`; SGD-family rules have one exact
+    split); ``sample_sq_sums``: ``sum_i |c_i|^2`` per parameter name, needed by ``"noise-eps"`` only.
 
     ``optimizer`` needs only ``param_groups`` (hyper-parameters and the model's parameters) and ``state`` (per
     parameter, full tensors): an engine that partitions its optimizer (DeepSpeed ZeRO) passes a view with gathered
     state and names the ``rule`` ("sgd", "adam" or "adamw") itself.
     """
     rule = resolve_rule(optimizer, rule)
+    check_adam_values(adam_values)
     names = {id(p): name for name, p in params.items()}
     found: dict[str, UpdateTerms] = {}
     for group in optimizer.param_groups:
@@ -187,7 +316,9 @@ def update_terms(
             grad = grads[name]
             with torch.no_grad():
                 if rule in ("adam", "adamw"):
-                    found[name] = _adam_terms(param, grad, state, group, decoupled=rule == "adamw")
+                    found[name] = _adam_terms(param, grad, state, group, decoupled=rule == "adamw",
+                                              variant=adam_values,
+                                              sample_sq_sum=(sample_sq_sums or {}).get(name))
                 elif rule == "sgd":
                     found[name] = _sgd_terms(param, grad, state, group)
                 elif rule == "rmsprop":
