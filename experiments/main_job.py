@@ -68,6 +68,7 @@ def train(config: dict, max_steps: int | None) -> Path:
     callback = InRunCallback(
         output, val_data=val_batch, shapley=inrun_cfg["shapley"], source_names=corpus.source_names, overwrite=True,
         embeddings=inrun_cfg.get("embeddings", False), checkpoint_every=inrun_cfg.get("checkpoint_every"),
+        **({"adam_values": inrun_cfg["adam_values"]} if "adam_values" in inrun_cfg else {}),
         wandb=WandbInfluenceLogger(phase_length=inrun_cfg["phase_length"], source_names=corpus.source_names)
         if wandb_logger is not None else None,
     )
