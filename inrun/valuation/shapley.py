@@ -233,7 +233,9 @@ def value_step(
     ``grads`` is the full-batch gradient the optimizer will apply (after unscaling and clipping); ``terms`` the
     update rule read from the optimizer with those gradients.
     """
-    if all(not isinstance(term.scale, Tensor) for term in terms.values()):
+    # a validation set split across ranks may assemble the mean gradient more cheaply than every point's factors
+    scalar = all(not isinstance(term.scale, Tensor) for term in terms.values())
+    if scalar and not getattr(validation, "prefers_gradient", lambda per_point: False)(per_val_point):
         return _value_step_ghost(microbatches, terms, grads, validation, params, second_order=second_order,
                                  per_val_point=per_val_point, record_norms=record_norms)
     val_loss, val_grad = validation.gradient(params)

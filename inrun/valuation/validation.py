@@ -19,7 +19,7 @@ from inrun.engine.capture import GradientCapture
 from inrun.engine.captured import LossFn
 from inrun.engine.products import capture_batch, per_sample_losses
 from inrun.errors import BatchMismatchError, InvalidArgumentError
-from inrun.valuation.rank_share import RankShare
+from inrun.valuation.rank_share import RankShare, _pack_captured
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -71,6 +71,7 @@ class ValidationSet:
         self.num_points: int | None = None
         #: set by :meth:`split_across_ranks`: this rank evaluates only its share of the points
         self.share: RankShare | None = None
+        self._prefers_gradient: bool | None = None
 
     def split_across_ranks(self, share: RankShare | None = None) -> bool:
         """Keep only this rank's share of the validation points (a contiguous block, rank 0 first); from now on
@@ -88,6 +89,23 @@ class ValidationSet:
             return False
         self.batches, self.share = mine, share
         return True
+
+    def prefers_gradient(self, per_point: bool) -> bool:
+        """Split across ranks: whether values whose update scale is one number per parameter should come from the
+        all-reduced mean gradient (model-sized) rather than from every point's gathered factors (points x positions
+        x layer widths; on small models with long sequences many times the model). Per-point values need the
+        factors. Decided once, by sizes, with one collective on the first call, so every rank decides alike."""
+        if self.share is None or per_point:
+            return False
+        if self._prefers_gradient is None:
+            parts, error = self._captured_local()
+            tensors: list[Tensor] = []
+            for part in parts:
+                _pack_captured(part, tensors)
+            (factor_numel,) = self.share.sum_scalars([float(sum(t.numel() for t in tensors))], error)
+            model_numel = sum(p.numel() for p in self.capture.parameters.values())
+            self._prefers_gradient = factor_numel > model_numel
+        return self._prefers_gradient
 
     def on_every_rank(self, flag: bool) -> bool:
         """``flag`` on every rank when the set is split (a collective: a step is valued on all ranks or none,
@@ -164,23 +182,28 @@ class ValidationSet:
     def captured(self) -> tuple[float, list]:
         """Mean validation loss and each validation batch's per-sample gradient factors, at the current parameters
         (one forward and backward, no weight gradient computed)."""
+        parts, error = self._captured_local()
+        if self.share is not None:  # every rank's factors, in rank order (the single-process order of the points)
+            parts = self.share.gather_captured(parts, self._device(), error)
+        losses = torch.cat([part.losses for part in parts])
+        self.num_points = losses.shape[0]
+        return float(losses.double().mean()), parts
+
+    def _captured_local(self) -> tuple[list, BaseException | None]:
+        """This rank's batches captured; a failure is returned (split: to raise on every rank) or raised."""
         parts, error = [], None
         enabled, self.capture.enabled = self.capture.enabled, True
         try:
             with eval_mode(self.model):
                 for batch in self.batches:
                     parts.append(capture_batch(self.capture, self.model, self.loss_fn, batch))
-        except Exception as exc:  # noqa: BLE001 -- split: raised on every rank by the collective below
+        except Exception as exc:  # noqa: BLE001 -- split: raised on every rank by the collective that follows
             if self.share is None:
                 raise
             error = exc
         finally:
             self.capture.enabled = enabled
-        if self.share is not None:  # every rank's factors, in rank order (the single-process order of the points)
-            parts = self.share.gather_captured(parts, self._device(), error)
-        losses = torch.cat([part.losses for part in parts])
-        self.num_points = losses.shape[0]
-        return float(losses.double().mean()), parts
+        return parts, error
 
     def _device(self) -> torch.device:
         for param in self.capture.parameters.values():
