@@ -247,7 +247,7 @@ class Run:
 
     Aggregates stream the committed records in blocks of ``BLOCK_ROWS`` rows: their memory grows with the number of
     distinct sample ids (the id index, per-id sums) and steps, never with the number of rows. The id index, the
-    steps tables and the last two per-id results are kept; no record column is.
+    steps tables, the last per-id result and a few phase tables are kept; no record column is.
     """
 
     def __init__(self, files: Sequence[RankFile]):
@@ -452,7 +452,7 @@ class Run:
         self._check_normalize(normalize)
         self._check_recorded(order)
         index = self._id_index()
-        sums = self._cached(("sums", order, normalize), lambda: self._sums(order, normalize, index), keep=2)
+        sums = self._cached(("sums", order, normalize), lambda: self._sums(order, normalize, index), keep=1)
         return index.ids, sums
 
     def val_point_values(self, order: int = 1, normalize: str = "none") -> tuple[np.ndarray, np.ndarray]:
@@ -471,7 +471,7 @@ class Run:
                              + (" and shapley='second'" if order == 2 else ""))
         index = self._id_index()
         sums = self._cached(("sums", order, normalize, "per_val"),
-                            lambda: self._per_val_sums(name, normalize, index), keep=2)
+                            lambda: self._per_val_sums(name, normalize, index), keep=1)
         return index.ids, sums
 
     def _value_column_name(self, order: int) -> str:
@@ -644,13 +644,13 @@ class Run:
 
         A partial selection (``np.argpartition``) over the per-id sums, then a sort of the ``k`` picked."""
         ids, values = self.sample_values(order, normalize)
-        pick = _best(np.where(np.isnan(values), -np.inf, values), _check_k(k))
+        pick = _best(values, _check_k(k), largest=True)
         return ids[pick], values[pick]
 
     def bottom_k(self, k: int, order: int = 1, normalize: str = "none") -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` samples with the lowest values, worst first: ``(ids, values)`` (ties: lower id first)."""
         ids, values = self.sample_values(order, normalize)
-        pick = _best(-np.where(np.isnan(values), np.inf, values), _check_k(k))
+        pick = _best(values, _check_k(k), largest=False)
         return ids[pick], values[pick]
 
     # -- answers for test points chosen after training -------------------------------------------------------------
@@ -691,17 +691,26 @@ def _grow_rows(table: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     return grown
 
 
-def _best(key: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` largest ``key`` values, largest first, ties by lower position (= lower id)."""
-    n = key.size
-    if k >= n:
-        return np.argsort(-key, kind="stable")
-    if k == 0:
+def _best(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Positions of the ``k`` largest (or smallest) ``values``, best first, ties by lower position (= lower id),
+    NaN last. Selected chunk by chunk (each chunk's best ``k`` by ``np.argpartition``, then the best of those), so
+    the temporaries are one chunk and ``k`` candidates per chunk, never a sort or a copy of all values."""
+    candidates, keys = [], []
+    for start in range(0, values.size, BLOCK_ROWS):
+        chunk = values[start:start + BLOCK_ROWS]
+        key = np.where(np.isnan(chunk), -np.inf, chunk) if largest else -np.where(np.isnan(chunk), np.inf, chunk)
+        if k < key.size:
+            kth = key[np.argpartition(key, key.size - k)[key.size - k]] if k else np.inf
+            above = np.flatnonzero(key > kth)
+            picked = np.concatenate([above, np.flatnonzero(key == kth)[: k - above.size]])
+        else:
+            picked = np.arange(key.size)
+        candidates.append(picked + start)
+        keys.append(key[picked])
+    if not candidates:
         return np.zeros(0, np.intp)
-    kth = key[np.argpartition(-key, k - 1)[k - 1]]
-    above = np.flatnonzero(key > kth)
-    pick = np.concatenate([above, np.flatnonzero(key == kth)[: k - above.size]])
-    return pick[np.lexsort((pick, -key[pick]))]
+    position, key = np.concatenate(candidates), np.concatenate(keys)
+    return position[np.lexsort((position, -key))[:k]]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
