@@ -4,7 +4,8 @@ Stores are built with the library's own ``RunWriter`` (compressed at close, as a
 sample occurrences in steps of ``--batch`` records, sample ids drawn uniformly from a space ``--id-space`` times the
 rows (sparse ids: about 95% distinct at 10x), 4 source labels, both value orders. Each operation runs in a new Python
 process that imports only numpy/h5py/inrun's store (no torch) and reports its wall time and its peak resident memory
-(``VmHWM``: the whole process, interpreter and libraries included; the row ``open only`` is that baseline). ``step_values`` is timed per call over random steps of a separate store with
+(``VmHWM``: the whole process, interpreter and libraries included; the row ``open only`` is that baseline) and
+its CPU time (steadier than wall time on a shared machine). ``step_values`` is timed per call over random steps of a separate store with
 ``--step-store-steps`` steps (1M by default, 2 records each).
 
 ``--baseline`` runs the same operations with the reader of an earlier commit (``--baseline-commit``, default the one
@@ -78,7 +79,7 @@ def child(operation: str, store: str, baseline: str | None, out_dir: str) -> dic
     from inrun import cli
     from inrun.store.reader import open_run
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     extra = {}
     with open_run(store) as run:
         window = max(1, run.num_steps // 10)
@@ -109,7 +110,7 @@ def child(operation: str, store: str, baseline: str | None, out_dir: str) -> dic
             return {"skipped": "the baseline has no Parquet export"}
         cli.export(store, None, None, parquet_dir=os.path.join(out_dir, "parquet"))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_bytes": peak_rss(), **extra}
+    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_start, "peak_bytes": peak_rss(), **extra}
 
 
 def peak_rss() -> int:
@@ -207,22 +208,24 @@ def main(argv: list[str] | None = None) -> None:
         store = build_store(workdir / f"run_{rows}_{args.batch}_{space}.h5", rows, args.batch, space)
         print(f"\n== {rows:,} rows, batch {args.batch}, ids from [0, {space:,}), store {store.stat().st_size / 2**20:.0f}"
               f" MiB (ready in {time.perf_counter() - started:.0f} s)", flush=True)
-        header = f"{'operation':<16}{'time':>10}{'peak RSS':>11}{'issue table':>14}"
+        header = f"{'operation':<16}{'time':>10}{'CPU':>10}{'peak RSS':>11}{'issue table':>14}"
         if baseline:
-            header += f"{'baseline time':>15}{'peak':>10}{'speed-up':>10}"
+            header += f"{'baseline time':>15}{'CPU':>10}{'peak':>10}{'speed-up':>10}{'(CPU)':>9}"
         print(header, flush=True)
         results = {}
         for operation in args.operations:
             mine = run_child(operation, store, None, args.timeout)
             other = run_child(operation, store, baseline, args.timeout) if baseline else None
             results[operation] = {"streamed": mine, "baseline": other}
-            line = f"{operation:<16}{fmt(mine):>10}{fmt(mine, 'peak_bytes'):>11}"
+            line = f"{operation:<16}{fmt(mine):>10}{fmt(mine, 'cpu_seconds'):>10}{fmt(mine, 'peak_bytes'):>11}"
             issue = ISSUE_TABLE.get(operation, {}).get(rows)
             line += f"{issue[0]:>8} s {issue[1] or '?':>3} GB" if issue else f"{'':>14}"
             if baseline:
                 ratio = (f"{other['seconds'] / mine['seconds']:.1f}x" if "seconds" in (other or {}) and
                          "seconds" in mine else "-")
-                line += f"{fmt(other):>15}{fmt(other, 'peak_bytes'):>10}{ratio:>10}"
+                cpu = (f"{other['cpu_seconds'] / mine['cpu_seconds']:.1f}x" if "cpu_seconds" in (other or {}) and
+                       "cpu_seconds" in mine else "-")
+                line += f"{fmt(other):>15}{fmt(other, 'cpu_seconds'):>10}{fmt(other, 'peak_bytes'):>10}{ratio:>10}{cpu:>9}"
             print(line, flush=True)
         figures["rows"][rows] = results
     for line in extrapolate(figures["rows"]):
