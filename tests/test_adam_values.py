@@ -161,8 +161,15 @@ def record(variant, train, val, path):
     recorder.close()
 
 
-@pytest.mark.parametrize("variant", ADAM_VALUES)
-def test_recorded_values_match_the_written_out_variant(variant, tmp_path):
+@pytest.mark.parametrize("variant", list(ADAM_VALUES) + ["block, direct route", "block, ghost route"])
+def test_recorded_values_match_the_written_out_variant(variant, tmp_path, monkeypatch):
+    """Scalar-scale variants value by ghost dot products or, where that costs more (many validation points against
+    narrow layers), by products with the scaled validation gradient: both routes are checked."""
+    if variant.startswith("block, "):
+        from inrun.valuation import shapley
+
+        monkeypatch.setattr(shapley, "_ghost_pays", lambda *args, ghost=variant.endswith("ghost route"): ghost)
+        variant = "block"
     train, val = make_data()
     record(variant, train, val, tmp_path / "run.h5")
     expected = replay(variant, train, val)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from inrun.engine.algebra import parameter_dots, parameter_squared_norms
 from inrun.engine.captured import CapturedBatch
-from inrun.engine.factors import FlatFactor, IndexSide
+from inrun.engine.factors import DenseSide, FlatFactor, IndexSide, OuterFactor
 from inrun.valuation.update_rules import UpdateTerms
 from inrun.valuation.validation import ValidationSet, shifted_parameters
 
@@ -154,6 +154,32 @@ def _summing_pays(factors: list) -> bool:
     return positions >= widest
 
 
+def _ghost_pays(microbatches: list[MicroBatch], n_val: int | None, per_val_point: bool) -> bool:
+    """Whether ghost dot products with the validation points' factors cost less than products with the (scaled)
+    validation gradient, for a per-parameter scalar scale (both routes are exact).
+
+    Ghost: ``n n_val T T' (R + C)`` per matrix parameter (Gram matrices; a one-hot side counts 1), per-point values
+    included. Direct: one weight-gradient-sized product ``n T R C`` per direction (one, or ``1 + n_val`` with
+    per-point values) plus the validation weight gradient ``n_val T' R C``; ``T' = T`` is assumed. Many validation
+    points against narrow layers (the main job: 32 points, width 64) favour the direct route; a few points against
+    wide layers (the GPT-2-shaped benchmark: 2 points, width 768) the ghost one."""
+    if not n_val:
+        return True
+    ghost = direct = 0.0
+    for mb in microbatches:
+        for uses in mb.captured.factors.values():
+            for factor in uses:
+                if not isinstance(factor, OuterFactor):
+                    continue
+                n, t = factor.n, factor.length
+                rows_dense, cols_dense = isinstance(factor.rows, DenseSide), isinstance(factor.cols, DenseSide)
+                r, c = factor.rows.dim, factor.cols.dim
+                ghost += n * n_val * t * t * ((r if rows_dense else 1) + (c if cols_dense else 1))
+                area = r * c if rows_dense and cols_dense else (r if rows_dense else c)
+                direct += n * t * area * (1 + (n_val if per_val_point else 0)) + n_val * t * area / len(microbatches)
+    return ghost <= direct
+
+
 def _value_step_ghost(microbatches, terms, grads, validation, params, *, second_order, per_val_point,
                       record_norms) -> StepValues:
     """:func:`value_step` for update rules whose scale is one number per parameter (SGD, momentum, weight decay):
@@ -235,7 +261,8 @@ def value_step(
     """
     # a validation set split across ranks may assemble the mean gradient more cheaply than every point's factors
     scalar = all(not isinstance(term.scale, Tensor) for term in terms.values())
-    if scalar and not getattr(validation, "prefers_gradient", lambda per_point: False)(per_val_point):
+    if scalar and not getattr(validation, "prefers_gradient", lambda per_point: False)(per_val_point) and _ghost_pays(
+            microbatches, validation.num_points, per_val_point):
         return _value_step_ghost(microbatches, terms, grads, validation, params, second_order=second_order,
                                  per_val_point=per_val_point, record_norms=record_norms)
     val_loss, val_grad = validation.gradient(params)
