@@ -428,7 +428,7 @@ class Run:
         index = self._id_index()
 
         def count() -> np.ndarray:
-            counts = np.zeros(index.ids.size, np.int64)
+            counts = np.zeros(index.ids.size, np.int32 if self.num_records < 2**31 else np.int64)
             for *_, block in self._blocks(["sample_id"]):
                 np.add.at(counts, index.positions(block["sample_id"]), 1)
             return _read_only(counts)
