@@ -602,9 +602,12 @@ class InRunRecorder:
             try:
                 listener(row, records)
             except Exception as err:  # noqa: BLE001 -- the step is written; a listener (W&B) must not stop training
-                warnings.warn(f"a recorder listener ({type(listener).__name__}) failed at step {row.get('step')}: "
-                              f"{type(err).__name__}: {err}; the step is stored and training goes on",
-                              RuntimeWarning, stacklevel=2)
+                failed = self.__dict__.setdefault("_failed_listeners", set())  # warn once per listener
+                if id(listener) not in failed:
+                    failed.add(id(listener))
+                    warnings.warn(f"a recorder listener ({type(listener).__name__}) failed at step {row.get('step')}: "
+                                  f"{type(err).__name__}: {err}; the step is stored and training goes on (later "
+                                  "failures of this listener are not reported)", RuntimeWarning, stacklevel=2)
 
     # -- model checkpoints for post-hoc values -----------------------------------------------------------------------
     @property
