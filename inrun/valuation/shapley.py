@@ -259,10 +259,12 @@ def value_step(
     ``grads`` is the full-batch gradient the optimizer will apply (after unscaling and clipping); ``terms`` the
     update rule read from the optimizer with those gradients.
     """
-    # a validation set split across ranks may assemble the mean gradient more cheaply than every point's factors
+    # a validation set split across ranks may assemble the mean gradient more cheaply than every point's factors;
+    # split, every rank must take the same route (their collectives differ), so the local cost choice is agreed on
     scalar = all(not isinstance(term.scale, Tensor) for term in terms.values())
-    if scalar and not getattr(validation, "prefers_gradient", lambda per_point: False)(per_val_point) and _ghost_pays(
-            microbatches, validation.num_points, per_val_point):
+    agree = getattr(validation, "on_every_rank", lambda flag: flag)
+    if scalar and not getattr(validation, "prefers_gradient", lambda per_point: False)(per_val_point) and agree(
+            _ghost_pays(microbatches, validation.num_points, per_val_point)):
         return _value_step_ghost(microbatches, terms, grads, validation, params, second_order=second_order,
                                  per_val_point=per_val_point, record_norms=record_norms)
     val_loss, val_grad = validation.gradient(params)
