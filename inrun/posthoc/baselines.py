@@ -5,6 +5,9 @@ loss). Every function has two layers: a pure one on projected vectors (``*_score
 direct implementations of the formulas) and one that reads a run (``tracin``, ``logra``, ``datainf``) and returns
 ``[n_ids, n_test]`` with ids in the order of ``run.sample_ids``.
 
+Damping defaults (:data:`LOGRA_DAMPING`, :data:`DATAINF_DAMPING`) were chosen by the LDS benchmark
+(``experiments/lds.py``).
+
 * TracIn with the final model's test gradient: ``sum_t sum_b eta_{t,b} <P_b g_test, P_b c_i(t)>`` over the recorded
   occurrences (DVEmb with H = 0). Needs nothing but the run and the final model (:func:`tracin`).
 * TracInCP (Pruthi et al. 2020) over the run's model checkpoints: ``sum_c sum_b w_{c,b} <P_b g_test(theta_c),
@@ -66,7 +69,16 @@ def tracin_scores(proj_grad: np.ndarray, scales: np.ndarray, test: np.ndarray,
     return out
 
 
-def logra_scores(train: np.ndarray, test: np.ndarray, layout: Sequence[BlockLayout], *, damping: float = 0.1,
+#: LoGra's damping, in units of the mean eigenvalue of the projected Fisher, chosen by the LDS benchmark
+#: (experiments/lds.py, digits MLP: LDS SGD / AdamW .499/.528 at 0.1, .649/.701 at 1, .758/.850 at 10, .769/.887 at
+#: 100, .734/.853 at 1000)
+LOGRA_DAMPING = 100.0
+#: DataInf's damping (times the mean squared coordinate of the projected gradients, per block): the LDS benchmark
+#: found no effect between 0.1 and 1000 (.713-.714 SGD, .836 AdamW), since it stays far below |g_i|^2; the paper's 0.1
+DATAINF_DAMPING = 0.1
+
+
+def logra_scores(train: np.ndarray, test: np.ndarray, layout: Sequence[BlockLayout], *, damping: float = LOGRA_DAMPING,
                  block_diagonal: bool = True) -> np.ndarray:
     """``[n_train, n_test]`` helpfulness ``g_test^T (F + lambda I)^{-1} g_i``, ``F = (1/n) sum_i g_i g_i^T``.
 
@@ -93,7 +105,7 @@ def logra_scores(train: np.ndarray, test: np.ndarray, layout: Sequence[BlockLayo
 
 
 def datainf_scores(train: np.ndarray, test: np.ndarray, layout: Sequence[BlockLayout], *,
-                   damping: float = 0.1) -> np.ndarray:
+                   damping: float = DATAINF_DAMPING) -> np.ndarray:
     """``[n_train, n_test]`` DataInf helpfulness ``sum_l hvp_l . g_kl`` (ALGORITHMS.md, formula per layer block)."""
     train, test = np.asarray(train, np.float64), np.asarray(test, np.float64)
     out = np.zeros((len(train), len(test)))
@@ -243,7 +255,7 @@ def training_gradients(run_or_projector: "Run | Projector", model: nn.Module, lo
 
 
 def logra(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, train_data: Any = None, *,
-          damping: float = 0.1, block_diagonal: bool = True, index_key: str = "index",
+          damping: float = LOGRA_DAMPING, block_diagonal: bool = True, index_key: str = "index",
           index_fn: Callable[[Any], Tensor] | None = None,
           gradients: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """LoGra-style influence at the final model as helpfulness ``g_test^T (F + lambda I)^{-1} g_i``.
@@ -260,7 +272,7 @@ def logra(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, train_da
 
 
 def datainf(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, train_data: Any = None, *,
-            damping: float = 0.1, index_key: str = "index", index_fn: Callable[[Any], Tensor] | None = None,
+            damping: float = DATAINF_DAMPING, index_key: str = "index", index_fn: Callable[[Any], Tensor] | None = None,
             gradients: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """DataInf at the final model, per layer block, as helpfulness (``-`` the influence of ALGORITHMS.md).
 

@@ -1,0 +1,110 @@
+"""Per-step cost of In-Run Shapley under AdamW, plain PyTorch loop, configurations interleaved round by round.
+
+On a shared machine the load changes over minutes, which skews configurations timed one after the other (as
+``bench_inrun`` does). Here every configuration has its own model (same initial parameters), optimizer and recorder,
+and the rounds interleave them: each round times ``--steps-per-round`` steps of every configuration in turn; the
+table shows the median over rounds of the CPU time per step (one torch thread) and its ratio to plain training.
+GPT-2-shaped model as in ``bench_inrun`` (2 blocks of d 768, vocab 8192, batch 16 x 128, validation batch 2).
+
+    .venv/bin/python -m experiments.bench_adam_step [--rounds 4] [--layers 2] [--configs ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from experiments.bench_engine import GPT, GPTShape, next_token_losses, random_tokens
+from experiments.benchutil import render_table
+from inrun.valuation.recorder import InRunRecorder
+
+CONFIGS = {
+    "plain": None,
+    "first [block]": dict(shapley="first", adam_values="block"),
+    "first [fixed-state]": dict(shapley="first", adam_values="fixed-state"),
+    "second [block]": dict(shapley="second", adam_values="block"),
+    "second [fixed-state]": dict(shapley="second", adam_values="fixed-state"),
+    "first, per val point [block]": dict(shapley="first", adam_values="block", per_val_point=True),
+    "first, per val point [fixed-state]": dict(shapley="first", adam_values="fixed-state", per_val_point=True),
+    "embeddings (64x64)": dict(shapley=None, embeddings=True),
+}
+
+
+def loss_fn(model, batch):
+    return next_token_losses(model, batch["tokens"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps-per-round", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    shape = GPTShape(vocab=args.vocab, n_layer=args.layers)
+    n_steps = args.rounds * args.steps_per_round + 1
+    data = random_tokens(args.batch * n_steps, args.seq_len, args.vocab, 0, torch.device("cpu"))
+    val = {"tokens": random_tokens(max(1, args.batch // 8), args.seq_len, args.vocab, 1, torch.device("cpu"))}
+    configs = ["plain"] + [c for c in args.configs if c != "plain"]
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory() as folder:
+        states = {}
+        for k, name in enumerate(configs):
+            torch.manual_seed(0)
+            model = GPT(shape)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            recorder = None
+            if CONFIGS[name] is not None:
+                recorder = InRunRecorder(model, Path(folder) / f"run{k}.h5", val_data=val, loss_fn=loss_fn,
+                                         overwrite=True, **CONFIGS[name])
+                recorder.start()
+            states[name] = [model, optimizer, recorder, 0]
+
+        def step(name: str) -> None:
+            model, optimizer, recorder, t = states[name]
+            ids = torch.arange(t * args.batch, (t + 1) * args.batch)
+            batch = {"tokens": data[ids], "index": ids}
+            if recorder is not None:
+                recorder.begin_microbatch(batch)
+            loss = loss_fn(model, batch).mean()
+            loss.backward()
+            if recorder is not None:
+                recorder.end_microbatch()
+                recorder.before_optimizer_step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad()
+            if recorder is not None:
+                recorder.note_train_loss(float(loss))
+            states[name][3] = t + 1
+
+        for name in configs:  # warm-up step (store creation, first-step state)
+            step(name)
+        for _ in range(args.rounds):
+            for name in configs:
+                start = time.process_time()
+                for _ in range(args.steps_per_round):
+                    step(name)
+                times[name].append((time.process_time() - start) / args.steps_per_round)
+        for model, optimizer, recorder, _ in states.values():
+            if recorder is not None:
+                recorder.close()
+    base = statistics.median(times["plain"])
+    rows = [[name, f"{statistics.median(v):.2f}", f"{statistics.median(v) / base:.2f}x",
+             " ".join(f"{x / t:.2f}" for x, t in zip(v, times["plain"]))] for name, v in times.items()]
+    print(render_table(["configuration", "CPU s / step (median)", "ratio", "ratio per round"], rows))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+if __name__ == "__main__":
+    main()
