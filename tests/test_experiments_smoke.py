@@ -142,3 +142,11 @@ def test_embedding_sizing_quick(capsys):
     embedding_sizing.main(["--quick", "--points", "6"])
     out = capsys.readouterr().out
     assert "| 2 x 2 |" in out and "| 4 x 4 | flat_k = 4 |" in out
+
+
+def test_bench_adam_step_tiny():
+    from experiments import bench_adam_step
+
+    found = bench_adam_step.main(["--rounds", "1", "--layers", "1", "--vocab", "64", "--seq-len", "8", "--batch", "8",
+                                  "--configs", "plain", "first [block]", "first [fixed-state]"])
+    assert set(found) == {"plain", "first [block]", "first [fixed-state]"} and all(v > 0 for v in found.values())
