@@ -271,13 +271,12 @@ def _adam_block_terms(param: Tensor, grad: Tensor, full: Tensor, exp_avg: Tensor
     lr, eps, wd = group["lr"], group["eps"], group.get("weight_decay", 0.0)
     beta1 = group["betas"][0]
     denominator = v_hat.sqrt_().add_(eps)  # in v_hat's storage
-    squared = grad.square()
-    total = float(squared.sum(dtype=torch.float64))
+    flat = grad.reshape(-1)
+    total = float(torch.dot(flat, flat))  # BLAS dot products: no float64 copies of the tensor
     if total > 0:
-        scale = numerator * float(squared.div_(denominator).sum(dtype=torch.float64)) / total
+        scale = numerator * float(torch.dot(torch.div(grad, denominator).reshape(-1), flat)) / total
     else:
-        scale = numerator * float(denominator.reciprocal().sum(dtype=torch.float64)) / max(grad.numel(), 1)
-    del squared
+        scale = numerator * float(denominator.reciprocal().mean()) if grad.numel() else numerator
     # the real step: -lr / bc1 * (beta1 m + (1 - beta1) full) / denominator [- lr wd theta, decoupled]
     delta0 = torch.mul(full, 1 - beta1)
     if exp_avg is not None:
