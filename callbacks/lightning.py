@@ -171,10 +171,11 @@ class InRunCallback(L.Callback):
                     f"{trainer.world_size}; resume with the same number, or start a new store"
                 )
             self.recorder.load_state_dict(state)
-        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        max_steps = getattr(trainer, "max_steps", None)
+        max_steps = max_steps if max_steps and max_steps > 0 else None
         try:
             planned = max_steps or int(trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 -- an unsized dataloader: no size projection
+        except Exception:  # noqa: BLE001 -- an unsized dataloader (or a trainer without it): no size projection
             planned = None
         self.recorder.planned_steps = planned if planned and planned < 2**62 else None  # the embeddings' total
         with self._gathered():

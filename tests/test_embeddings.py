@@ -111,7 +111,7 @@ def model_at(model: nn.Module, params: dict) -> nn.Module:
 
 
 def read_layout(path: Path) -> tuple[list[dict], dict[int, dict[str, np.ndarray]]]:
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         layout = json.loads(f["projection"].attrs["layout"])
         mats = {i: {side: f[f"projection/{i}/{side}"][()] for side in ("rows", "cols") if f"projection/{i}/{side}" in f}
                 for i in range(len(layout))}
@@ -166,13 +166,13 @@ def reference_embeddings(contribs: list[np.ndarray], layout, lr: float, gamma, u
 
 
 def read_records(path: Path) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         n = int(f.attrs["committed_rows"])
         return {k: f["records"][k][:n] for k in f["records"]}
 
 
 def emb_rows(path: Path, name: str = "embeddings") -> np.ndarray:
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         return f[name][()]
 
 
@@ -216,7 +216,7 @@ def test_recursion_matches_explicit_unprojected_reference(exact_run, tmp_path, g
     tracin_like = per_record([exact_run.lr * c for c in contribs], records)
     assert np.abs(tracin_like - expected).max() > 100 * np.abs(got - expected).max()
     # per-sample sums over occurrences (removal from all epochs)
-    with h5py.File(out, "r") as f:
+    with h5py.File(out, "r", locking=False) as f:
         ids, sums, occ = f["sample_ids"][()], f["sums"][()], f["occurrences"][()]
         assert int(f.attrs["complete"]) == 1
     assert list(ids) == sorted(set(records["sample_id"].tolist()))
@@ -247,7 +247,7 @@ def test_projected_build_matches_in_memory_recursion_for_any_chunking(projected_
     layout, mats = read_layout(projected_run.path)
     assert any(mats.values()), "this fixture must project at least one side"
     records = read_records(projected_run.path)
-    with h5py.File(projected_run.path, "r") as f:
+    with h5py.File(projected_run.path, "r", locking=False) as f:
         scales = f["steps/proj_scale"][()]
     np.testing.assert_allclose(scales, LR)
     expected = explicit_recursion(records, scales, layout)
@@ -290,7 +290,7 @@ def test_interrupted_build_resumes_to_the_same_result(projected_run, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         dv_build.build_embeddings(projected_run.path, out, chunk_steps=2, dtype="float64", progress=False)
     monkeypatch.setattr(dv_build, "_commit_chunk", real_commit)
-    with h5py.File(out, "r") as f:
+    with h5py.File(out, "r", locking=False) as f:
         assert int(f.attrs["complete"]) == 0
         assert json.loads(f.attrs["progress"])["below"] == 4  # steps 4..7 done and committed
     # queries refuse the half-built file and say how to finish it
@@ -327,7 +327,7 @@ def test_influence_checkpointing_equals_truncated_reference(exact_run, tmp_path)
     early = records["step"] < until
     np.testing.assert_allclose(got[early], expected[early], rtol=1e-5, atol=1e-9)
     assert np.isnan(got[~early]).all()
-    with h5py.File(out, "r") as f:
+    with h5py.File(out, "r", locking=False) as f:
         assert int(f.attrs["until_step"]) == until
         sums, ids = f["sums"][()], f["sample_ids"][()]
     for k, i in enumerate(ids):
@@ -393,7 +393,7 @@ def test_trajectory_loo_sign_and_size_against_retraining(tmp_path):
 def test_step_influence_matches_reference(projected_run, tmp_path):
     layout, mats = read_layout(projected_run.path)
     records = read_records(projected_run.path)
-    with h5py.File(projected_run.path, "r") as f:
+    with h5py.File(projected_run.path, "r", locking=False) as f:
         scales = f["steps/proj_scale"][()]
     emb = explicit_recursion(records, scales, layout)
     test = project(per_sample_grads(projected_run.model, loss_fn, projected_run.test), layout, mats).mean(0)
@@ -442,7 +442,7 @@ def test_multi_rank_run_equals_single_rank_union(tmp_path):
         rec0, rec1 = read_records(run.paths[0]), read_records(run.paths[1])
         merged = {k: np.concatenate([rec0[k], rec1[k]]) for k in rec0}
         layout, _ = read_layout(run.paths[0])
-        with h5py.File(run.paths[0], "r") as f:
+        with h5py.File(run.paths[0], "r", locking=False) as f:  # the open Run reads without HDF5 locks
             scales = f["steps/proj_scale"][()]
         np.testing.assert_allclose(got, explicit_recursion(merged, scales, layout), rtol=1e-6, atol=1e-10)
         np.testing.assert_array_equal(run.records(["sample_id"])["sample_id"], merged["sample_id"])
@@ -516,7 +516,7 @@ def test_embeddings_of_a_run_that_went_on_are_refused(tmp_path):
     # append one more step to the store, as a resumed training would
     from inrun.store.writer import RunWriter
 
-    with h5py.File(rec.path, "r") as f:
+    with h5py.File(rec.path, "r", locking=False) as f:
         row = f["records/proj_grad"][:1]
         run_id = str(f.attrs["run_id"])
     with RunWriter(rec.path, resume=True, run_id=run_id) as writer:
@@ -537,12 +537,12 @@ def test_unrecorded_steps_stay_nan(tmp_path):
     got = emb_rows(out)
     assert np.isnan(got[odd]).all() and np.isfinite(got[~odd]).all()
     layout, _ = read_layout(rec.path)
-    with h5py.File(rec.path, "r") as f:
+    with h5py.File(rec.path, "r", locking=False) as f:
         scales = f["steps/proj_scale"][()]
     even = {k: v[~odd] for k, v in records.items()}
     expected = explicit_recursion(even, np.nan_to_num(scales), layout)
     np.testing.assert_allclose(got[~odd], expected, rtol=1e-6, atol=1e-10)
-    with h5py.File(out, "r") as f:
+    with h5py.File(out, "r", locking=False) as f:
         ids, occurrences = f["sample_ids"][()], f["occurrences"][()]
     expected_counts = [int((even["sample_id"] == i).sum()) for i in ids]  # recorded (even-step) occurrences only
     np.testing.assert_array_equal(occurrences, expected_counts)

@@ -310,7 +310,10 @@ class InRunRecorder:
         if self.rank == 0:
             print(f"inrun: {self.embedding_size.statement()}", file=sys.stderr)
         total = self.embedding_size.total_bytes
-        free = shutil.disk_usage(self.path.resolve().parent).free
+        folder = self.path.resolve().parent
+        while not folder.exists() and folder != folder.parent:  # the store's folder is made when the store opens
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
         if total is not None and total > free and self.embeddings.check_disk:
             raise StoreIOError(
                 f"{self.embedding_size.statement()}, but only {free / 1e9:.1f} GB are free at {self.path.parent}. "
