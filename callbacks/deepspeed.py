@@ -82,9 +82,11 @@ from inrun.callbacks.deepspeed_engine import (  # the engine adapter's public na
 )
 from inrun.callbacks.distributed import all_gather_object, process_group
 from inrun.callbacks.distributed import split_validation as split_validation_set
+from inrun.engine.checks import validate_check_every
 from inrun.errors import InRunError
 from inrun.store.paths import new_run_id
 from inrun.valuation.recorder import InRunRecorder
+from inrun.valuation.update_rules import DEFAULT_ADAM_VALUES, check_adam_values
 from inrun.valuation.validation import LossFn
 
 __all__ = [
@@ -167,7 +169,12 @@ class DeepSpeedInRun:
         checkpoint_every: int | None = None,
         split_validation: bool = True,
         update_rule: str | None = None,
+        adam_values: str = DEFAULT_ADAM_VALUES,
+        check: bool = True,
+        check_every: int | None = None,
     ):
+        check_adam_values(adam_values)
+        validate_check_every(check_every)
         self.adapter = DeepSpeedAdapter(engine)
         self.engine = engine
         self.model: nn.Module = engine.module
@@ -183,7 +190,8 @@ class DeepSpeedInRun:
         extra = {"framework": "deepspeed", **self.adapter.config()}
         options = dict(per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
                        source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
-                       overwrite=overwrite, flush_every=flush_every, update_rule=update_rule)
+                       overwrite=overwrite, flush_every=flush_every, update_rule=update_rule,
+                       adam_values=adam_values, check=check, check_every=check_every)
         if checkpoint_every is not None:  # model snapshots for post-hoc values (rank 0; full tensors under ZeRO-3)
             options["checkpoint_every"] = checkpoint_every
 

@@ -17,6 +17,7 @@ import lightning as L
 from torch import Tensor
 
 from inrun.callbacks.distributed import all_gather_object, split_validation
+from inrun.engine.checks import validate_check_every
 from inrun.store.paths import new_run_id
 from inrun.valuation.arguments import check_recorder_arguments
 from inrun.valuation.recorder import InRunRecorder
@@ -54,6 +55,9 @@ class InRunCallback(L.Callback):
         adam_values: how Adam-family steps are split into per-sample updates (docs/adam-values.md): ``"block"``
             (default: one step size per parameter tensor, best ranking, SGD cost) or ``"fixed-state"`` (the exact
             elementwise fixed-state rule); the store's config records it.
+        check / check_every: the self-checks (gradient completeness, sample independence, a per-sample spot check)
+            run at the first optimizer step and, with ``check_every=k``, every k steps; ``check=False`` turns them off
+            (unsafe: a model pattern inrun cannot attribute exactly then gives wrong values without an error).
         split_validation: with several processes (DDP, DeepSpeed), each rank evaluates its share of the validation
             points and collectives assemble the rest (the values are those of one process; every rank must pass the
             same ``val_data``, which is checked). False: every rank evaluates every point.
@@ -84,9 +88,12 @@ class InRunCallback(L.Callback):
         split_validation: bool = True,
         update_rule: str | None = None,
         adam_values: str = DEFAULT_ADAM_VALUES,
+        check: bool = True,
+        check_every: int | None = None,
     ):
         super().__init__()
         check_adam_values(adam_values)
+        validate_check_every(check_every)
         check_recorder_arguments(
             path=path, val_data=val_data, loss_fn=loss_fn, shapley=shapley, embeddings=embeddings,
             per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
@@ -103,7 +110,7 @@ class InRunCallback(L.Callback):
             embeddings=embeddings, per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
             source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
             overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every, update_rule=update_rule,
-            adam_values=adam_values,
+            adam_values=adam_values, check=check, check_every=check_every,
         )
         self.wandb = wandb
         self.split_validation = split_validation

@@ -520,3 +520,26 @@ def test_an_existing_store_is_refused_at_start_unless_overwriting_or_resuming(tm
     assert old.read_bytes() == b"an earlier run" and not recorder.capture._handles
     InRunRecorder(make_model(), old, **RECORDER_DEFAULTS, overwrite=True).start()  # accepted (opens at step 1)
     assert old.read_bytes() == b"an earlier run"
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"check_every": 0}, "check_every"),
+    ({"check_every": 2.5}, "check_every"),
+    ({"adam_values": "nope"}, "adam_values"),
+])
+def test_callback_check_and_adam_options_refused_at_construction(tmp_path, kwargs, fragment):
+    from inrun.callbacks import InRunCallback
+
+    val = {"x": torch.randn(2, 4), "y": torch.tensor([0, 1]), "index": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match=fragment):
+        InRunCallback(tmp_path / "run.h5", val_data=val, **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+def test_callback_forwards_check_options_to_the_recorder(tmp_path):
+    from inrun.callbacks import InRunCallback
+
+    val = {"x": torch.randn(2, 4), "y": torch.tensor([0, 1]), "index": torch.tensor([0, 1])}
+    cb = InRunCallback(tmp_path / "run.h5", val_data=val, check=False, check_every=7, adam_values="fixed-state")
+    assert cb.options["check"] is False and cb.options["check_every"] == 7
+    assert cb.options["adam_values"] == "fixed-state"

@@ -168,9 +168,9 @@ SCALAR_ADAM_VALUES = ("block", "block-jacobian")
 
 
 def check_adam_values(adam_values: str) -> str:
-    """``adam_values`` if it names a variant, else a ValueError naming the choices."""
+    """``adam_values`` if it names a variant, else an ``InvalidArgumentError`` (a ValueError) naming the choices."""
     if adam_values not in ADAM_VALUES:
-        raise ValueError(f"adam_values must be one of {', '.join(map(repr, ADAM_VALUES))}, got {adam_values!r}; "
+        raise InvalidArgumentError(f"adam_values must be one of {', '.join(map(repr, ADAM_VALUES))}, got {adam_values!r}; "
                          f"{DEFAULT_ADAM_VALUES!r} is the default and 'fixed-state' the exact fixed-state rule")
     return adam_values
 
