@@ -55,6 +55,20 @@ def batch_at(train, t):
     return {key: value[ids] for key, value in train.items()}
 
 
+
+def _train_recorded(recorder, model, optimizer, train) -> None:
+    """``STEPS`` optimizer steps of a plain loop driving ``recorder``, then close it."""
+    recorder.start()
+    for t in range(STEPS):
+        batch = batch_at(train, t)
+        recorder.begin_microbatch(batch)
+        loss_fn(model, batch).mean().backward()
+        recorder.end_microbatch()
+        recorder.before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+    recorder.close()
+
 def adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
 
@@ -149,16 +163,7 @@ def record(variant, train, val, path):
     optimizer = adamw(model)
     recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, shapley="second", per_val_point=True,
                              overwrite=True, adam_values=variant)
-    recorder.start()
-    for t in range(STEPS):
-        batch = batch_at(train, t)
-        recorder.begin_microbatch(batch)
-        loss_fn(model, batch).mean().backward()
-        recorder.end_microbatch()
-        recorder.before_optimizer_step(optimizer)
-        optimizer.step()
-        optimizer.zero_grad()
-    recorder.close()
+    _train_recorded(recorder, model, optimizer, train)
 
 
 @pytest.mark.parametrize("variant", list(ADAM_VALUES) + ["block, direct route", "block, ghost route"])
@@ -247,16 +252,7 @@ def record_with_checkpoints(path, *, checkpoint_every, adam_values=DEFAULT_ADAM_
     recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, shapley="second", per_val_point=True,
                              overwrite=True, adam_values=adam_values, embeddings={"k_rows": 64, "k_cols": 64},
                              checkpoint_every=checkpoint_every)
-    recorder.start()
-    for t in range(STEPS):
-        batch = batch_at(train, t)
-        recorder.begin_microbatch(batch)
-        loss_fn(model, batch).mean().backward()
-        recorder.end_microbatch()
-        recorder.before_optimizer_step(optimizer)
-        optimizer.step()
-        optimizer.zero_grad()
-    recorder.close()
+    _train_recorded(recorder, model, optimizer, train)
     return model, train, val
 
 
