@@ -276,15 +276,19 @@ OPTIMIZER_CASES = {
 }
 
 
-def one_step(recorder: InRunRecorder, model: nn.Module, optimizer, ids) -> None:
-    recorder.start()
-    b = batch(ids)
+def recorded_step(recorder: InRunRecorder, model: nn.Module, optimizer, b) -> None:
+    """One optimizer step on batch ``b`` of a plain loop driving ``recorder``."""
     recorder.begin_microbatch(b)
     loss_fn(model, b).mean().backward()
     recorder.end_microbatch()
     recorder.before_optimizer_step(optimizer)
     optimizer.step()
     optimizer.zero_grad()
+
+
+def one_step(recorder: InRunRecorder, model: nn.Module, optimizer, ids) -> None:
+    recorder.start()
+    recorded_step(recorder, model, optimizer, batch(ids))
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZER_CASES))
@@ -323,13 +327,7 @@ def test_large_ids_and_any_integer_type_are_stored_exactly(tmp_path):
     forms = [torch.tensor(big), np.array(big, dtype=np.uint64), big, np.array([3, 1, 4, 1], dtype=np.int16)]
     recorder.start()
     for form in forms:
-        b = {**batch([0, 1, 2, 3]), "ids": form}
-        recorder.begin_microbatch(b)
-        loss_fn(model, b).mean().backward()
-        recorder.end_microbatch()
-        recorder.before_optimizer_step(optimizer)
-        optimizer.step()
-        optimizer.zero_grad()
+        recorded_step(recorder, model, optimizer, {**batch([0, 1, 2, 3]), "ids": form})
     recorder.close()
     with inrun.open_run(tmp_path / "run.h5") as run:
         for t, form in enumerate(forms):
