@@ -17,12 +17,18 @@ points, ``per_val_point=True``):
 * TracIn with the final model only, TracInCP over the recorded checkpoints, LoGra and DataInf (final model) at the
   damping values of ``--damping`` (each shown; the best is named).
 
+Peers (``--peers``, default every installed one; ``--peers none`` to skip; ``experiments/lds_peers.py``): dattri
+TracIn over the same every-step checkpoints, LiSSA and EK-FAC influence functions and DVEmb, and kronfluence EK-FAC,
+all on the very trajectory the main recording saved (nothing retrained). A peer whose package is missing is skipped
+with one line (``scripts/install-peers.sh`` installs both); one that fails is reported and the run goes on. The sign
+is checked by the Pearson correlation of dattri TracIn with inrun's TracInCP values (printed and in the table).
+
 Retraining results are cached under ``--cache`` (default ``~/.cache/inrun-lds``), keyed by every setting that
 changes them, so a second run only records and scores. With ``--step-loo K`` the first-steps question is checked
 directly: for a few steps the real AdamW step is retaken without each sample of the batch (everything else equal) and
 the change of the mean test loss is compared with each variant's per-step values (Spearman per step).
 
-    .venv/bin/python -m experiments.lds [--optimizers sgd adamw] [--subsets 50] [--step-loo 4]
+    .venv/bin/python -m experiments.lds [--optimizers sgd adamw] [--subsets 50] [--step-loo 4] [--peers none]
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import inrun
+from experiments import lds_peers
 from inrun.posthoc import baselines
 from inrun.valuation.recorder import InRunRecorder
 from inrun.valuation.update_rules import ADAM_VALUES, DEFAULT_ADAM_VALUES
@@ -110,6 +117,10 @@ def batches(s: Settings, keep: np.ndarray | None = None):
         ids = order if keep is None else order[torch.from_numpy(keep[order.numpy()])]
         for start in range(0, len(ids), s.batch):
             yield ids[start: start + s.batch]
+
+
+def steps_per_epoch(s: Settings) -> int:
+    return -(-s.n_train // s.batch)
 
 
 def take(data: dict, ids: torch.Tensor) -> dict:
@@ -307,14 +318,19 @@ def evaluate(s: Settings, args: argparse.Namespace, cache: Path, folder: Path) -
             scores["trajectory LOO (data value embeddings)"] = lds(run.trajectory_loo(model, loss_fn, test),
                                                                  masks, losses)
             scores["TracIn (final model only)"] = lds(baselines.tracin(run, model, loss_fn, test), masks, losses)
-            scores["TracInCP (every-step checkpoints)"] = lds(tracin_cp_values(run, model, test, train), masks,
-                                                               losses)
+            tracin_cp = tracin_cp_values(run, model, test, train)
+            scores["TracInCP (every-step checkpoints)"] = lds(tracin_cp, masks, losses)
             gradients = baselines.training_gradients(run, model, loss_fn, train)
             for damping in args.damping:
                 scores[f"LoGra (damping {damping:g})"] = lds(
                     baselines.logra(run, model, loss_fn, test, gradients=gradients, damping=damping), masks, losses)
                 scores[f"DataInf (damping {damping:g})"] = lds(
                     baselines.datainf(run, model, loss_fn, test, gradients=gradients, damping=damping), masks, losses)
+            if args.peer_list:
+                scores.update(peer_scores(s, args, run, model, train, test, masks, losses, tracin_cp))
+        elif args.peer_list:
+            print(f"[{s.optimizer}] peers need the every-step checkpoints of the post-hoc recording: skipped with "
+                  "--no-posthoc", flush=True)
     for variant in variants[1:]:
         path = folder / f"{s.optimizer}-{variant}.h5"
         record(s, train, test, path, adam_values=variant)
@@ -328,6 +344,24 @@ def evaluate(s: Settings, args: argparse.Namespace, cache: Path, folder: Path) -
         for variant, per_step in step_loo(s, train, test, steps, args.variants).items():
             for step, rho in zip(steps, per_step):
                 scores[f"step LOO Spearman, step {step} [{variant}]"] = rho
+    return scores
+
+
+def peer_scores(s: Settings, args: argparse.Namespace, run, model: nn.Module, train: dict, test: dict,
+                masks: np.ndarray, losses: np.ndarray, tracin_cp: np.ndarray) -> dict[str, float]:
+    """LDS of every selected peer on the recorded trajectory (NaN for a peer that failed), and the sign check:
+    Pearson(dattri TracIn, inrun TracInCP) over all (sample, test point) pairs."""
+    inputs = lds_peers.inputs_from_run(run, model, train, test, list(batches(s)), steps_per_epoch(s), seed=s.seed,
+                                       ekfac_damping=args.ekfac_damping)
+    values, failures = lds_peers.run_peers(inputs, args.peer_list,
+                                           log=lambda line: print(f"[{s.optimizer}] {line}", flush=True))
+    scores = {label: lds(matrix, masks, losses) for label, matrix in values.items()}
+    scores.update({label: float("nan") for label in failures})
+    tracin = next((p.label for p in lds_peers.PEERS if p.key == "dattri-tracin"), None)
+    if tracin in values:
+        rho = lds_peers.pearson(values[tracin], tracin_cp)
+        print(f"[{s.optimizer}] sign check: Pearson(dattri TracIn, inrun TracInCP) = {rho:.4f}", flush=True)
+        scores["sign check: Pearson(dattri TracIn, inrun TracInCP)"] = rho
     return scores
 
 
@@ -350,8 +384,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", nargs=2, type=float, default=[DEFAULT_LR["sgd"], DEFAULT_LR["adamw"]],
                         metavar=("SGD", "ADAMW"), help="learning rates")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--peers", nargs="+", default=["all"], metavar="PEER",
+                        help=f"peer methods to run side by side: 'all' (default, those installed), 'none', or any of "
+                        f"{', '.join(lds_peers.PEER_KEYS)}")
+    parser.add_argument("--ekfac-damping", type=float, default=0.0, help="dattri EK-FAC damping (dattri's default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/lds.json"))
     args = parser.parse_args(argv)
+    try:
+        args.peer_list = lds_peers.select(args.peers)
+    except ValueError as error:
+        parser.error(str(error))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.variants[0] != DEFAULT_ADAM_VALUES and DEFAULT_ADAM_VALUES in args.variants:
@@ -368,10 +410,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("| method | " + " | ".join(f"LDS, {name}" for name in args.optimizers) + " |")
     print("|---|" + "---|" * len(args.optimizers))
     for key in names:
-        cells = [f"{results[o][key]:.3f}" if key in results[o] else "" for o in args.optimizers]
+        cells = [("failed" if np.isnan(results[o][key]) else f"{results[o][key]:.3f}") if key in results[o] else ""
+                 for o in args.optimizers]
         print(f"| {key} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "peer_list"},
+                                    "results": results},
                                    indent=2))
     return results
 
