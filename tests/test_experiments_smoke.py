@@ -72,7 +72,8 @@ def test_lds_tiny(tmp_path):
     from experiments import lds
 
     argv = ["--subsets", "4", "--test-points", "3", "--n-train", "64", "--epochs", "1", "--variants", "block",
-            "fixed-state", "--damping", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lds.json")]
+            "fixed-state", "--damping", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lds.json"),
+            "--peers", "none"]  # the peers (optional packages) have their own test, tests/test_lds_peers.py
     results = lds.main(argv)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # one ground truth per optimizer
     for name in ("sgd", "adamw"):
