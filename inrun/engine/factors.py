@@ -177,6 +177,11 @@ class OuterFactor:
         if isinstance(rows, IndexSide):
             picked = matrices.permute(1, 0, 2)[rows.ids]  # [n, T, m, C]
             return (picked * cols.data.unsqueeze(2)).sum(dim=(1, 3))
+        if r > c and isinstance(cols, DenseSide):
+            # the same product applied to the wider side: the intermediate is [n, T, m, C] rather than [n, T, m, R]
+            # (same matrix-product flops, a smaller elementwise reduction: MLP input layers, tied output heads)
+            applied = rows.matmul(matrices.permute(1, 0, 2).reshape(r, m * c)).reshape(self.n, self.length, m, c)
+            return (applied * cols.data.unsqueeze(2)).sum(dim=(1, 3))
         stacked = matrices.reshape(m * r, c)
         applied = cols.matmul(stacked.T).reshape(self.n, self.length, m, r)  # [n, T, m, R]
         return (applied * rows.data.unsqueeze(2)).sum(dim=(1, 3))

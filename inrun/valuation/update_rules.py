@@ -288,9 +288,94 @@ def _adam_block_terms(param: Tensor, grad: Tensor, full: Tensor, exp_avg: Tensor
     return UpdateTerms(scale, delta0)
 
 
+#: Adam variants with a batched path over a parameter group (:func:`_adam_group_terms`)
+BATCHED_ADAM_VALUES = ("block", "fixed-state")
+
+
+def _adam_group_terms(members: list[tuple[str, Tensor]], grads: dict[str, Tensor], states: dict, group: dict,
+                      decoupled: bool, variant: str, scale_only: bool) -> dict[str, UpdateTerms]:
+    """:func:`_adam_terms` for every ``(name, param)`` of one parameter group, ``variant`` ``"block"`` or
+    ``"fixed-state"`` and no amsgrad, with list-wide ``torch._foreach_*`` calls that apply the same operations in the
+    same order to each tensor (identical results, far fewer Python-level calls on models with many small tensors)."""
+    if not members:
+        return {}
+    lr, eps, wd = group["lr"], group["eps"], group.get("weight_decay", 0.0)
+    beta1, beta2 = group["betas"]
+    names = [name for name, _ in members]
+    params = [param for _, param in members]
+    grad_list = [grads[name] for name in names]
+    state_list = [states.get(param, {}) for param in params]
+    steps = [_step_count(state) + 1 for state in state_list]
+    fulls = grad_list if (decoupled or not wd) else torch._foreach_add(grad_list, torch._foreach_mul(params, wd))
+    exp_avgs = [state.get("exp_avg") for state in state_list]
+    squares = [state.get("exp_avg_sq") for state in state_list]
+    held = [k for k, square in enumerate(squares) if square is not None]
+    seconds: list[Tensor] = [torch.zeros_like(param) for param in params]
+    if held:  # v_{t-1} beta2, new tensors: the optimizer's state is only read
+        scaled = torch._foreach_mul([squares[k] for k in held], beta2)
+        for k, tensor in zip(held, scaled):
+            seconds[k] = tensor
+    torch._foreach_addcmul_(seconds, fulls, fulls, value=1 - beta2)  # v_t from the full batch
+    first_corrections = [1 - beta1**step for step in steps]
+    numerators = [lr * (1 - beta1) / correction for correction in first_corrections]
+    torch._foreach_div_(seconds, [1 - beta2**step for step in steps])  # v_hat (in place)
+    torch._foreach_sqrt_(seconds)
+    torch._foreach_add_(seconds, eps)  # the denominator sqrt(v_hat) + eps, in v_hat's storage
+    denominators = seconds
+    found: dict[str, UpdateTerms] = {}
+    if variant == "block":
+        quotients = torch._foreach_div(grad_list, denominators)
+        scales = []
+        for grad, quotient, denominator, numerator in zip(grad_list, quotients, denominators, numerators):
+            flat = grad.reshape(-1)
+            total = float(torch.dot(flat, flat))  # BLAS dot products: no float64 copies of the tensor
+            if total > 0:
+                scales.append(numerator * float(torch.dot(quotient.reshape(-1), flat)) / total)
+            else:
+                scales.append(numerator * float(denominator.reciprocal().mean()) if grad.numel() else numerator)
+        del quotients
+        if scale_only:
+            return {name: UpdateTerms(scale, None) for name, scale in zip(names, scales)}
+        # the real step: -lr / bc1 * (beta1 m + (1 - beta1) full) / denominator [- lr wd theta, decoupled]
+        deltas = torch._foreach_mul(fulls, 1 - beta1)
+        moving = [k for k, exp_avg in enumerate(exp_avgs) if exp_avg is not None]
+        if moving:
+            torch._foreach_add_([deltas[k] for k in moving], [exp_avgs[k] for k in moving], alpha=beta1)
+        torch._foreach_div_(deltas, denominators)
+        torch._foreach_mul_(deltas, [-lr / correction for correction in first_corrections])
+        if wd and decoupled:
+            torch._foreach_add_(deltas, params, alpha=-lr * wd)
+        for name, delta0, grad, scale in zip(names, deltas, grad_list, scales):
+            delta0.add_(grad, alpha=scale)  # minus the samples' modelled part, -s G
+            found[name] = UpdateTerms(scale, delta0)
+        return found
+    # fixed-state: D = numerator / (sqrt(v_hat) + eps), elementwise
+    torch._foreach_reciprocal_(denominators)
+    torch._foreach_mul_(denominators, numerators)
+    scales = denominators
+    if scale_only:
+        return {name: UpdateTerms(scale, None) for name, scale in zip(names, scales)}
+    # delta0 = -lr / bc1 / (sqrt(v_hat) + eps) * (beta1 m + (1 - beta1) wd theta [L2]) - lr wd theta [decoupled]
+    deltas: list[Tensor | None] = [None] * len(names)
+    moving = [k for k, exp_avg in enumerate(exp_avgs) if exp_avg is not None] if beta1 else []
+    if moving:
+        products = torch._foreach_mul([exp_avgs[k] for k in moving], [scales[k] for k in moving])
+        torch._foreach_mul_(products, -beta1 / (1 - beta1))
+        for k, product in zip(moving, products):
+            deltas[k] = product
+    for k, (param, scale) in enumerate(zip(params, scales)):
+        delta0 = deltas[k]
+        if wd and not decoupled:
+            delta0 = -wd * param * scale if delta0 is None else delta0.addcmul_(param, scale, value=-wd)
+        if wd and decoupled:
+            delta0 = -lr * wd * param if delta0 is None else delta0.add_(param, alpha=-lr * wd)
+        found[names[k]] = UpdateTerms(scale, delta0)
+    return found
+
+
 def update_terms(
     optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: dict[str, Tensor], rule: str | None = None,
-    *, adam_values: str = "fixed-state", sample_sq_sums: dict[str, float] | None = None,
+    *, adam_values: str = "fixed-state", sample_sq_sums: dict[str, float] | None = None, scale_only: bool = False,
 ) -> dict[str, UpdateTerms]:
     """The step's ``UpdateTerms`` for each named parameter that the optimizer updates (call before it steps).
 
@@ -301,12 +386,27 @@ def update_terms(
     ``optimizer`` needs only ``param_groups`` (hyper-parameters and the model's parameters) and ``state`` (per
     parameter, full tensors): an engine that partitions its optimizer (DeepSpeed ZeRO) passes a view with gathered
     state and names the ``rule`` ("sgd", "adam" or "adamw") itself.
+
+    ``scale_only``: a caller that needs the scale alone (embeddings-only recording) may get ``delta0=None`` where
+    computing it would cost a parameter-sized pass (the ``"block"`` and ``"fixed-state"`` Adam variants); the terms
+    then describe the samples' part of the step only.
+
+    Adam's ``"block"`` and ``"fixed-state"`` variants (without amsgrad) are computed for a whole parameter group at
+    once with ``torch._foreach_*`` operations, the same arithmetic as :func:`_adam_terms` per tensor (bit for bit):
+    about a dozen fused calls per group instead of a dozen small ones per parameter.
     """
     rule = resolve_rule(optimizer, rule)
     check_adam_values(adam_values)
     names = {id(p): name for name, p in params.items()}
     found: dict[str, UpdateTerms] = {}
     for group in optimizer.param_groups:
+        if rule in ("adam", "adamw") and adam_values in BATCHED_ADAM_VALUES and not group.get("amsgrad"):
+            members = [(names[id(param)], param) for param in group["params"]
+                       if id(param) in names and names[id(param)] in grads]
+            with torch.no_grad():
+                found.update(_adam_group_terms(members, grads, optimizer.state, group, rule == "adamw", adam_values,
+                                               scale_only))
+            continue
         for param in group["params"]:
             name = names.get(id(param))
             if name is None or name not in grads:

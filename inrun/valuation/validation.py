@@ -48,16 +48,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def shifted_parameters(params: dict[str, Tensor], shift: dict[str, Tensor]) -> Iterator[None]:
     """Temporarily add ``shift`` to the named parameters; restore them bit for bit afterwards."""
-    saved = {name: params[name].detach().clone() for name in shift}
+    names = list(shift)
+    targets = [params[name] for name in names]
+    saved = [target.detach().clone() for target in targets]
     try:
-        with torch.no_grad():
-            for name, delta in shift.items():
-                params[name].add_(delta.to(params[name].dtype))
+        if targets:
+            with torch.no_grad():  # one list-wide add (the same per-tensor arithmetic as a loop of add_)
+                torch._foreach_add_(targets, [shift[name].to(target.dtype) for name, target in zip(names, targets)])
         yield
     finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                params[name].copy_(original)
+        if targets:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, saved)
 
 
 class ValidationSet:
@@ -169,8 +171,11 @@ class ValidationSet:
             sums = self.share.sum_tensors(
                 [s if s is not None else torch.zeros_like(params[n]) for n, s in zip(names, sums)])  # type: ignore[misc]
         self.num_points = count
+        held = [s for s in sums if s is not None]
+        means = torch._foreach_div(held, count) if held else []  # one list-wide division (as s / count each)
+        found = iter(means)
         gradient = {
-            name: (s / count if s is not None else torch.zeros_like(params[name])) for name, s in zip(names, sums)
+            name: (next(found) if s is not None else torch.zeros_like(params[name])) for name, s in zip(names, sums)
         }
         return total / count, gradient
 
