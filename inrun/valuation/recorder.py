@@ -466,8 +466,10 @@ class InRunRecorder:
         # embeddings only: the update scale of the projected parameters, on the steps that are projected
         needed = grads if self.order > 0 else self._projected_grads(grads, step)
         sq_sums = sample_sq_sums(microbatches) if self.adam_values == "noise-eps" else None
+        # embeddings only: the projections need each block's update scale, not the sample-free part of the step
         terms = {} if not needed else update_terms(optimizer, self.params, needed, rule=self._rule,
-                                                   adam_values=self.adam_values, sample_sq_sums=sq_sums)
+                                                   adam_values=self.adam_values, sample_sq_sums=sq_sums,
+                                                   scale_only=self.order == 0)
         if self.order > 0:
             values = value_step(
                 microbatches, terms, grads, self.validation, self.params,
@@ -535,6 +537,12 @@ class InRunRecorder:
 
     @staticmethod
     def _non_finite(grads: dict[str, Tensor]) -> str | None:
+        # one list-wide max-abs (NaN and infinity propagate through it) and one host read; the loop below only names
+        # the tensor at fault
+        sized = [grad for grad in grads.values() if grad.numel()]
+        if sized and len({(grad.dtype, grad.device) for grad in sized}) == 1:
+            if bool(torch.isfinite(torch.stack(torch._foreach_norm(sized, ord=math.inf))).all()):
+                return None
         for name, grad in grads.items():
             if not bool(torch.isfinite(grad).all()):
                 return f"the gradient of '{name}' holds NaN or infinity"
