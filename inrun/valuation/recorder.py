@@ -520,7 +520,7 @@ class InRunRecorder:
         """
         assert self.projector is not None
         projected = torch.cat([self.projector.project_batch(mb.captured) for mb in microbatches])
-        values.extras["proj_grad"] = projected.cpu().numpy().astype(self.embeddings.dtype)
+        values.extras["proj_grad"] = projected.cpu().numpy().astype(self.embeddings.dtype, copy=False)
         scales = []
         for block in self.projector.layout:
             scale = terms[block.name].scale if block.name in terms else math.nan
@@ -537,11 +537,12 @@ class InRunRecorder:
 
     @staticmethod
     def _non_finite(grads: dict[str, Tensor]) -> str | None:
-        # one list-wide max-abs (NaN and infinity propagate through it) and one host read; the loop below only names
+        # one list-wide 2-norm and one host read: a NaN or infinite entry makes its tensor's norm non-finite, so
+        # finite norms clear every gradient; otherwise (or an overflowing norm) the exact loop below decides and names
         # the tensor at fault
         sized = [grad for grad in grads.values() if grad.numel()]
         if sized and len({(grad.dtype, grad.device) for grad in sized}) == 1:
-            if bool(torch.isfinite(torch.stack(torch._foreach_norm(sized, ord=math.inf))).all()):
+            if bool(torch.isfinite(torch.stack(torch._foreach_norm(sized))).all()):
                 return None
         for name, grad in grads.items():
             if not bool(torch.isfinite(grad).all()):
