@@ -41,7 +41,14 @@ What it reads from the engine (nothing to configure twice):
   weight decay, momentum per parameter group; gradient clipping (``engine.gradient_clipping()``).
 
 Collective calls: the constructor, ``step``/``before_step`` at a boundary, ``state_dict`` and ``close`` gather
-gradients, optimizer state and (ZeRO-3) parameters, so every rank must call them, in the same order.
+gradients, optimizer state and (ZeRO-3) parameters, and ``begin_microbatch`` does at the first micro-batch of a checked
+step (the self-checks below), so every rank must call them, in the same order.
+
+Self-checks (``check=True``, the default; inrun/engine/checks.py): at the first optimizer step (and every
+``check_every`` steps) the first micro-batch goes through the batch check before its forward -- under ZeRO-3 inside
+the gathered-parameters context, so the model has its full parameters -- and at the step every rank's summed
+per-sample contributions are assembled with one all-reduce over the data-parallel group and compared with
+DeepSpeed's averaged gradient. A rank whose check fails raises; the others learn it and raise too.
 
 ZeRO-3: outside DeepSpeed's module hooks a parameter is ``[0]``-shaped. For the valuation of a step (and for the
 validation passes at start and close) every parameter is gathered once and pinned, so the validation forward and

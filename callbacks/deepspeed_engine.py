@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from inrun.callbacks.distributed import all_ranks_true, process_group
+from inrun.callbacks.distributed import all_ranks_true, process_group, sum_over_ranks
 from inrun.valuation.recorder import InRunRecorder
 from inrun.valuation.update_rules import resolve_rule, rule_name
 
@@ -329,6 +329,10 @@ class DeepSpeedAdapter:
     def loss_scale(self) -> float:
         return deepspeed_loss_scale(self.engine)
 
+    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the engine's data-parallel ranks (collective), as its gradients are reduced."""
+        return sum_over_ranks(tensor, group=getattr(self.engine, "data_parallel_group", None))
+
     def config(self) -> dict:
         """What the store's configuration records about the engine."""
         engine = self.engine
@@ -349,6 +353,10 @@ class DeepSpeedAdapter:
     def prepare(self, recorder: InRunRecorder) -> None:
         if self.stage == 3:
             recorder.param_shapes = {name: full_shape(p) for name, p in recorder.params.items()}
+            # the self-checks run the training batch through the model: full parameters, as for validation
+            recorder.checks.full_parameters = self.gathered
+        if self.dp_world_size > 1:  # the step's completeness check assembles the ranks' contributions
+            recorder.checks.sum_over_ranks = self.sum_over_ranks
         clip = float(self.engine.gradient_clipping() or 0.0)
         recorder.clip_norm = clip if clip > 0 else None  # DeepSpeed clips by the global norm, as clip_grad_norm_
         # the user's update_rule, else the base optimizer's; an optimizer inrun does not know is an error here

@@ -35,6 +35,15 @@ def all_ranks_true(flag: bool) -> bool:
     return bool(value.item())
 
 
+def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """``tensor`` summed over the ranks of ``group`` (default: every rank), in place, and returned (a collective:
+    every rank calls it with a tensor of the same size and dtype). One process: ``tensor`` as it is."""
+    dist = process_group()
+    if dist is not None and dist.get_world_size(group=group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
 def validation_digest(batches: list[Any]) -> str:
     """A short checksum of validation batches (tensor bytes, shapes, dtypes, keys), to check that ranks agree."""
     digest = hashlib.sha256()

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import lightning as L
 from torch import Tensor
 
-from inrun.callbacks.distributed import all_gather_object, split_validation
+from inrun.callbacks.distributed import all_gather_object, split_validation, sum_over_ranks
 from inrun.engine.checks import validate_check_every
 from inrun.store.paths import new_run_id
 from inrun.valuation.arguments import check_recorder_arguments
@@ -148,9 +148,12 @@ class InRunCallback(L.Callback):
         self._configure_clipping(trainer)
         if self._deepspeed is not None:
             self._deepspeed.prepare(self.recorder)  # ZeRO-3 shapes; DeepSpeed's own gradient clipping; update rule
-        elif self.recorder.order > 0 or self.recorder.embeddings is not None:
-            for optimizer in trainer.optimizers:  # an optimizer inrun does not know fails here, before training
-                self.recorder.check_optimizer(optimizer)
+        else:
+            if world > 1:  # DDP: the step's completeness check assembles the ranks' contributions (one all-reduce)
+                self.recorder.checks.sum_over_ranks = sum_over_ranks
+            if self.recorder.order > 0 or self.recorder.embeddings is not None:
+                for optimizer in trainer.optimizers:  # an optimizer inrun does not know fails here, before training
+                    self.recorder.check_optimizer(optimizer)
         if self.wandb is not None and trainer.global_rank == 0:
             from inrun.callbacks.wandb_logging import attach_wandb
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -237,12 +238,24 @@ def check_completeness(
     """Raise :class:`ExactnessError` for the first parameter whose per-sample contributions (summed over the
     captured micro-batches) do not add up to autograd's batch gradient ``grads[name]`` (parameters missing from
     ``grads`` are skipped)."""
-    sums: dict[str, Tensor] = {}
     parts = captured if isinstance(captured, list) else [captured]
-    low = [p.precision for p in parts if p.precision is not None]
+    compare_sums(capture, contribution_sums(parts), grads, [p.precision for p in parts if p.precision is not None])
+
+
+def contribution_sums(parts: list[CapturedBatch]) -> dict[str, Tensor]:
+    """Per parameter, the sum over the samples of ``parts`` of their captured contributions (parameter-shaped)."""
+    sums: dict[str, Tensor] = {}
     for part in parts:
         for name, value in part.gradient_sums().items():
             sums[name] = value if name not in sums else sums[name] + value
+    return sums
+
+
+def compare_sums(capture: GradientCapture, sums: Mapping[str, Tensor], grads: Mapping[str, Tensor],
+                 low: list[torch.dtype] = ()) -> None:
+    """Raise :class:`ExactnessError` for the first parameter of ``capture`` in ``grads`` whose summed contributions
+    ``sums[name]`` (absent: none captured) differ from ``grads[name]`` beyond the tolerance of the lowest precision
+    involved (``low``: the captured factors' precisions)."""
     names = [name for name in capture.parameters if name in grads]
     if not names:
         return
@@ -399,9 +412,25 @@ class RecorderChecks:
     At the first micro-batch of a checked step the training batch goes through :func:`checked_capture` before the
     real forward (independence, completeness against one extra backward, spot check; parameters and ``param.grad``
     untouched, random state and buffers restored). At the step itself the captured contributions of the real
-    backward are compared with the gradients the optimizer is given (free; single process only, since with several
-    ranks those gradients are averaged over ranks). Failures raise; a loss function that cannot take a training batch
-    only skips the batch part, with a warning.
+    backward are compared with the gradients the optimizer is given. Failures raise; a loss function that cannot take
+    a training batch only skips the batch part, with a warning.
+
+    The engine knows no distributed framework: an integration hands it two callables.
+
+    * ``full_parameters()``: a context manager inside which the model's parameters have their full shapes (DeepSpeed
+      ZeRO-3 gathers them: a collective). The batch check and the shape probe run inside it.
+    * ``sum_over_ranks(tensor) -> tensor``: the sum of ``tensor`` over the data-parallel ranks (a collective). With
+      it, several ranks check the step together: each rank sums its captured contributions per parameter (they
+      already carry the data-parallel ``1 / world`` of the averaged gradient: the recorder's ``gradient_divisor``),
+      one call assembles the ranks' sums, and every rank compares the result with the averaged gradient the optimizer
+      is given (identical data on every rank, so every rank reaches the same verdict). The batch check's outcome is
+      agreed through it too (three numbers), so that every rank raises when one does. Without it, a run with
+      several ranks skips the step check (the batch check, local to each rank, still runs).
+
+    Every rank makes the same calls in the same order: :meth:`on_microbatch` enters the context and the agreement at
+    the first micro-batch of a checked step even when that micro-batch is empty on this rank, and :meth:`on_step`
+    makes its one collective call at every checked step, whether or not this rank has anything to value (a rank with
+    nothing then contributes zeros and the comparison is skipped on every rank).
     """
 
     def __init__(self, enabled: bool, every: int | None):
@@ -410,6 +439,12 @@ class RecorderChecks:
         self.first_step: int | None = None
         self.batch_checked_step: int | None = None
         self.seconds = 0.0
+        #: how many times each check ran on this rank: "batch" (checked_capture), "step" (completeness at the step)
+        self.runs = {"batch": 0, "step": 0}
+        #: set by an integration: a context manager factory giving the parameters their full shapes (collective)
+        self.full_parameters: Callable[[], ContextManager[Any]] | None = None
+        #: set by an integration with several data-parallel ranks: the sum of a tensor over the ranks (collective)
+        self.sum_over_ranks: Callable[[Tensor], Tensor] | None = None
 
     def due(self, step: int) -> bool:
         if not self.enabled:
@@ -418,56 +453,147 @@ class RecorderChecks:
             return True
         return step == self.first_step or (self.every is not None and step % self.every == 0)
 
+    def _context(self) -> ContextManager[Any]:
+        return self.full_parameters() if self.full_parameters is not None else nullcontext()
+
     def on_start(self, recorder: Any, loss_fn: LossFn | None) -> None:
         """Probe the shapes with the first validation batch before any validation pass uses the capture (a lookup
         shared by the batch whose length equals the number of validation points is then read right)."""
         validation = getattr(recorder, "validation", None)
         batches = getattr(validation, "batches", None)
-        if not self.enabled or not batches or loss_fn is None or getattr(recorder, "param_shapes", None):
+        if not self.enabled or not batches or loss_fn is None:
             return
         from inrun.engine.products import infer_batch_size
 
-        probe_shapes(recorder.capture, recorder.model, loss_fn, batches[0], infer_batch_size(batches[0]))
+        with self._context():
+            probe_shapes(recorder.capture, recorder.model, loss_fn, batches[0], infer_batch_size(batches[0]))
 
     def on_microbatch(self, recorder: Any, batch: Any, loss_fn: LossFn | None) -> None:
+        """The batch check, at the first micro-batch of a checked step (call it for empty micro-batches too: with
+        an integration's collectives every rank must take part)."""
         import time
 
         step = recorder.next_step
         if not self.due(step) or self.batch_checked_step == step or loss_fn is None:
             return
+        capture = recorder.capture
+        size = capture.batch_size
+        if size == 0 and self.sum_over_ranks is None:
+            return  # nothing to check, no rank to keep in step with: the step's next micro-batch is checked
         self.batch_checked_step = step
         if self.first_step is None:
             self.first_step = step
-        if getattr(recorder, "param_shapes", None):  # ZeRO-3: parameters are partitioned outside DeepSpeed's hooks
-            return
-        capture = recorder.capture
-        size = capture.batch_size
         start = time.perf_counter()
+        failure: BaseException | None = None
         try:
-            checked_capture(capture, recorder.model, loss_fn, batch)
-        except (ExactnessError, SampleMixingError):
-            raise
-        except InRunError as error:
-            if "loss" in type(error).__name__.lower():
-                warnings.warn(f"inrun skipped the first-step batch check: loss_fn failed on a training batch ({error})",
-                              stacklevel=3)
-            else:
-                raise
-        except Exception as error:  # noqa: BLE001 - the check must never break a run that would otherwise work
-            warnings.warn(f"inrun skipped the first-step batch check: {type(error).__name__}: {error}", stacklevel=3)
+            with self._context():
+                if size != 0:
+                    failure = self._batch_check(capture, recorder.model, loss_fn, batch)
+                    self.runs["batch"] += 1
         finally:
             capture.discard()
             capture.batch_size = size  # a new micro-batch for the real forward
+        try:
+            failure = self._agree(recorder, failure, step)
+        finally:
             self.seconds += time.perf_counter() - start
+        if failure is not None:
+            raise failure
+
+    @staticmethod
+    def _batch_check(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any) -> BaseException | None:
+        """Run :func:`checked_capture`; the error to raise, or None (a loss function that cannot take the training
+        batch, or an unexpected failure of the check itself, only warns: the check never breaks a working run)."""
+        try:
+            checked_capture(capture, model, loss_fn, batch)
+        except (ExactnessError, SampleMixingError) as error:
+            return error
+        except InRunError as error:
+            if "loss" not in type(error).__name__.lower():
+                return error
+            warnings.warn(f"inrun skipped the first-step batch check: loss_fn failed on a training batch ({error})",
+                          stacklevel=4)
+        except Exception as error:  # noqa: BLE001 - the check must never break a run that would otherwise work
+            warnings.warn(f"inrun skipped the first-step batch check: {type(error).__name__}: {error}", stacklevel=4)
+        return None
+
+    def _agree(self, recorder: Any, failure: BaseException | None, step: int) -> BaseException | None:
+        """With several ranks, every rank learns whether any rank's batch check failed, and raises then too."""
+        if self.sum_over_ranks is None:
+            return failure
+        kinds = (SampleMixingError, ExactnessError)
+        flags = torch.zeros(3, dtype=torch.float64, device=_collective_device(recorder))
+        if failure is not None:
+            flags[next((k for k, kind in enumerate(kinds) if isinstance(failure, kind)), 2)] = 1.0
+        found = [int(v) for v in self.sum_over_ranks(flags).tolist()]
+        if failure is not None or not any(found):
+            return failure
+        kind = next((kinds[k] for k in range(2) if found[k]), InRunError)
+        return kind(f"inrun's self-check at step {step} failed on {sum(found)} other rank(s) of this data-parallel "
+                    "run (this rank's own samples passed); the error raised there names the parameter and the fix")
 
     def on_step(self, recorder: Any, step: int, captured: list[CapturedBatch], grads: Mapping[str, Tensor]) -> None:
-        if not self.due(step) or getattr(recorder, "world_size", 1) != 1 or not captured:
+        """The completeness check at the step: ``captured`` is this rank's micro-batches of the step (empty when it
+        values nothing: with ``sum_over_ranks`` call it anyway, every rank must take part), ``grads`` the gradients
+        handed to the optimizer (averaged over the ranks)."""
+        import time
+
+        if not self.due(step):
             return
         if self.first_step is None:
             self.first_step = step
-        shapes = captured[0].shapes
-        usable = {k: g for k, g in grads.items() if k in shapes and tuple(g.shape) == tuple(shapes[k])}
-        check_completeness(recorder.capture, captured, usable)
+        start = time.perf_counter()
+        try:
+            if self.sum_over_ranks is not None:
+                self._step_over_ranks(recorder, captured, grads)
+                return
+            if getattr(recorder, "world_size", 1) != 1 or not captured:
+                return  # several ranks without a collective: the gradients are averaged over contributions unseen
+            shapes = captured[0].shapes
+            usable = {k: g for k, g in grads.items() if k in shapes and tuple(g.shape) == tuple(shapes[k])}
+            self.runs["step"] += 1
+            check_completeness(recorder.capture, captured, usable)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _step_over_ranks(self, recorder: Any, captured: list[CapturedBatch], grads: Mapping[str, Tensor]) -> None:
+        """One collective: [ranks, ranks valuing the step, per parameter: ranks that captured it, summed
+        contributions of every parameter]; the same layout on every rank (the recorder's parameters, full shapes)."""
+        capture = recorder.capture
+        full = getattr(recorder, "param_shapes", None) or {}
+        shapes = {name: torch.Size(full.get(name, p.shape)) for name, p in capture.parameters.items()}
+        names = list(shapes)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in capture.parameters.values()) else torch.float32
+        sizes = [shapes[name].numel() for name in names]
+        head = 2 + len(names)
+        buffer = torch.zeros(head + sum(sizes), dtype=dtype, device=_collective_device(recorder))
+        buffer[0] = 1.0
+        local = contribution_sums(captured) if captured else {}
+        if captured:
+            buffer[1] = 1.0
+        offset = head
+        for k, (name, size) in enumerate(zip(names, sizes)):
+            if name in local:
+                buffer[2 + k] = 1.0
+                buffer[offset:offset + size] = local[name].detach().reshape(-1).to(buffer)
+            offset += size
+        total = self.sum_over_ranks(buffer)
+        if float(total[1]) != float(total[0]):
+            return  # some rank values nothing this step (skipped there): no rank compares
+        sums, offset = {}, head
+        for k, (name, size) in enumerate(zip(names, sizes)):
+            if float(total[2 + k]) > 0:
+                sums[name] = total[offset:offset + size].view(shapes[name])
+            offset += size
+        usable = {k: grads[k] for k in names if k in grads and tuple(grads[k].shape) == tuple(shapes[k])}
+        self.runs["step"] += 1
+        compare_sums(capture, sums, usable, [p.precision for p in captured if p.precision is not None])
+
+
+def _collective_device(recorder: Any) -> torch.device:
+    """Where the collectives' tensors live: the parameters' device (a CUDA device under NCCL, the CPU under gloo)."""
+    param = next(iter(recorder.capture.parameters.values()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 # -- the public self-test --------------------------------------------------------------------------------------------

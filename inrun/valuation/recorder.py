@@ -381,8 +381,9 @@ class InRunRecorder:
         self._current = (ids, sources)
         self.capture.batch_size = ids.shape[0]
         self.capture.discard()
-        if ids.shape[0]:  # an empty micro-batch is dropped at end_microbatch: nothing to check
-            self.checks.on_microbatch(self, batch, self._check_loss_fn)
+        # an empty micro-batch (dropped at end_microbatch) has nothing to check, but takes part in the check's
+        # collectives when an integration gave it some
+        self.checks.on_microbatch(self, batch, self._check_loss_fn)
 
     def end_microbatch(self, grad_scale: float = 1.0) -> None:
         """Collect the per-sample factors of the backward pass just run (``grad_scale``: fp16 loss scale).
@@ -454,10 +455,12 @@ class InRunRecorder:
         if not self._on_every_rank(reason is None and bool(microbatches)):  # split validation: all ranks or none
             reason = reason or ("another rank could not value this step (the validation set is split across ranks)"
                                 if microbatches else nothing)
-        if reason is not None or not microbatches:
+        valued = reason is None and bool(microbatches)
+        # on every rank, also one that values nothing this step (the check's collective, when it has one)
+        self.checks.on_step(self, step, [mb.captured for mb in microbatches] if valued else [], grads)
+        if not valued:
             self._record_skipped(step, lr, reason or nothing)
             return
-        self.checks.on_step(self, step, [mb.captured for mb in microbatches], grads)
         if self.clip_norm is not None:
             coefficient = clip_coefficient(self._total_norm(grads), self.clip_norm)
             grads = {name: g * coefficient for name, g in grads.items()}
