@@ -351,9 +351,8 @@ def peer_scores(s: Settings, args: argparse.Namespace, run, model: nn.Module, tr
                 masks: np.ndarray, losses: np.ndarray, tracin_cp: np.ndarray) -> dict[str, float]:
     """LDS of every selected peer on the recorded trajectory (NaN for a peer that failed), and the sign check:
     Pearson(dattri TracIn, inrun TracInCP) over all (sample, test point) pairs."""
-    inputs = lds_peers.inputs_from_run(run, model, train, test, list(batches(s)), steps_per_epoch(s), seed=s.seed,
-                                       ekfac_damping=args.ekfac_damping)
-    values, failures = lds_peers.run_peers(inputs, args.peer_list,
+    inputs = lds_peers.inputs_from_run(run, model, train, test, list(batches(s)), steps_per_epoch(s), seed=s.seed)
+    values, failures = lds_peers.run_peers(inputs, args.peer_list, dampings=args.peer_dampings,
                                            log=lambda line: print(f"[{s.optimizer}] {line}", flush=True))
     scores = {label: lds(matrix, masks, losses) for label, matrix in values.items()}
     scores.update({label: float("nan") for label in failures})
@@ -387,13 +386,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peers", nargs="+", default=["all"], metavar="PEER",
                         help=f"peer methods to run side by side: 'all' (default, those installed), 'none', or any of "
                         f"{', '.join(lds_peers.PEER_KEYS)}")
-    parser.add_argument("--ekfac-damping", type=float, default=0.0, help="dattri EK-FAC damping (dattri's default 0)")
+    parser.add_argument("--peer-damping", nargs="+", default=["heuristic"], metavar="D",
+                        help="damping of the EK-FAC peers (dattri, kronfluence), one row each: 'heuristic' (0.1 x the "
+                        "mean corrected eigenvalue; kronfluence's damping_factor=None) and/or numbers")
     parser.add_argument("--out", type=Path, default=Path("runs/lds.json"))
     args = parser.parse_args(argv)
     try:
         args.peer_list = lds_peers.select(args.peers)
     except ValueError as error:
         parser.error(str(error))
+    try:
+        args.peer_dampings = [None if d == "heuristic" else float(d) for d in args.peer_damping]
+    except ValueError:
+        parser.error(f"--peer-damping: got {args.peer_damping}; give 'heuristic' and/or numbers, e.g. "
+                     "--peer-damping heuristic 0.01 0.1")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.variants[0] != DEFAULT_ADAM_VALUES and DEFAULT_ADAM_VALUES in args.variants:
@@ -414,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
                  for o in args.optimizers]
         print(f"| {key} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "peer_list"},
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()
+                                             if k not in ("peer_list", "peer_dampings")},
                                     "results": results},
                                    indent=2))
     return results

@@ -12,13 +12,15 @@ Methods (each through its library's public API):
   gradients unprojected (``proj_type="identity"``): ``sum_t lr_t <grad loss_i(theta_t), grad loss_test(theta_t)>``.
 * ``dattri LiSSA IF``: ``IFAttributorLiSSA`` at the final model (dattri's defaults: batch 1, depth 5000, scaling 50,
   no damping), the inverse-Hessian estimated on the whole training set.
-* ``dattri EK-FAC IF``: ``IFAttributorEKFAC`` at the final model on every Linear layer (damping: ``--ekfac-damping``,
-  dattri's default 0).
+* ``dattri EK-FAC IF``: ``IFAttributorEKFAC`` at the final model on every Linear layer. dattri's default damping 0
+  divides by zero here (input pixels that are 0 in every image give zero eigenvalues: every score is NaN), so the
+  damping is kronfluence's heuristic, 0.1 x the mean corrected eigenvalue (over all layers: dattri takes one
+  number); ``--peer-damping`` adds fixed values.
 * ``dattri DVEmb``: ``DVEmbAttributor`` (data value embeddings, unfactored, unprojected) fed each step's batch,
   per-sample gradients at that step's checkpoint and learning rate, scored with the final model's test gradients.
 * ``kronfluence EK-FAC``: ``Analyzer`` with a classification ``Task`` (true Fisher by sampled labels, the test loss
   as measurement), EK-FAC factors at the final model, heuristic damping (``damping_factor=None``: 0.1 x the mean
-  eigenvalue).
+  eigenvalue); ``--peer-damping`` adds fixed values (``damping_factor``) as further rows.
 
 A peer whose package is missing is skipped with one printed line; a peer that fails is reported with its error and the
 benchmark goes on (:func:`run_peers`).
@@ -35,7 +37,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -179,13 +181,18 @@ def dattri_lissa(inputs: PeerInputs) -> np.ndarray:
 
 
 def dattri_ekfac(inputs: PeerInputs) -> np.ndarray:
-    """dattri's EK-FAC influence function at the final model, every Linear layer."""
+    """dattri's EK-FAC influence function at the final model, every Linear layer; damping ``options["damping"]`` or,
+    when that is None, 0.1 x the mean of the cached corrected eigenvalues (kronfluence's heuristic)."""
     from dattri.algorithm import IFAttributorEKFAC
 
     torch.manual_seed(inputs.options.get("seed", 0))
+    damping = inputs.options.get("damping")
     attributor = IFAttributorEKFAC(task=_task(inputs, inputs.final_state), device="cpu",
-                                   damping=float(inputs.options.get("ekfac_damping", 0.0)))
+                                   damping=0.0 if damping is None else float(damping))
     attributor.cache(_loader(inputs.train, 100))
+    if damping is None:
+        lambdas = torch.cat([v.reshape(-1) for v in attributor.cached_lambdas.values()])
+        attributor.damping = 0.1 * float(lambdas.mean())
     scores = attributor.attribute(_loader(inputs.train, inputs.n_train), _loader(inputs.test, inputs.n_test))
     return _matrix(scores, inputs)
 
@@ -214,7 +221,7 @@ def dattri_dvemb(inputs: PeerInputs) -> np.ndarray:
 
 def kronfluence_ekfac(inputs: PeerInputs) -> np.ndarray:
     """kronfluence's EK-FAC influence at the final model: true Fisher (sampled labels), the test loss as the
-    measurement, heuristic damping (``damping_factor=None``) unless ``options["kronfluence_damping"]`` is set."""
+    measurement, heuristic damping (``damping_factor=None``) unless ``options["damping"]`` is set."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -244,7 +251,7 @@ def kronfluence_ekfac(inputs: PeerInputs) -> np.ndarray:
             scores_name="pairwise", factors_name="ekfac", query_dataset=_dataset(inputs.test),
             train_dataset=_dataset(inputs.train), per_device_query_batch_size=inputs.n_test,
             per_device_train_batch_size=inputs.n_train,
-            score_args=ScoreArguments(damping_factor=inputs.options.get("kronfluence_damping")),
+            score_args=ScoreArguments(damping_factor=inputs.options.get("damping")),
             overwrite_output_dir=True)
         scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]  # [n_test, n_train]
     return _matrix(scores.T, inputs)
@@ -259,15 +266,20 @@ class Peer:
     label: str  # the table row
     package: str
     fn: Callable[[PeerInputs], np.ndarray]
+    damped: bool = False  # takes options["damping"] (None: the peer's heuristic); run at every value of dampings
+
+    def row(self, damping: float | None) -> str:
+        if not self.damped:
+            return self.label
+        return f"{self.label[:-1]}, {'heuristic damping' if damping is None else f'damping {damping:g}'})"
 
 
 PEERS = [
     Peer("dattri-tracin", "dattri TracIn (every-step checkpoints, x lr)", "dattri", dattri_tracin),
     Peer("dattri-lissa", "dattri LiSSA IF (final model)", "dattri", dattri_lissa),
-    Peer("dattri-ekfac", "dattri EK-FAC IF (final model)", "dattri", dattri_ekfac),
+    Peer("dattri-ekfac", "dattri EK-FAC IF (final model)", "dattri", dattri_ekfac, damped=True),
     Peer("dattri-dvemb", "dattri DVEmb (every-step checkpoints)", "dattri", dattri_dvemb),
-    Peer("kronfluence-ekfac", "kronfluence EK-FAC (final model, heuristic damping)", "kronfluence",
-         kronfluence_ekfac),
+    Peer("kronfluence-ekfac", "kronfluence EK-FAC (final model)", "kronfluence", kronfluence_ekfac, damped=True),
 ]
 PEER_KEYS = [p.key for p in PEERS]
 
@@ -288,10 +300,11 @@ def select(names: list[str] | None) -> list[Peer]:
     return [p for p in PEERS if p.key in names]
 
 
-def run_peers(inputs: PeerInputs, peers: list[Peer], log: Callable[[str], None] = print
-              ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Each peer's matrix ``{label: [n_train, n_test]}``, and ``{label: error}`` for those that failed. A peer whose
-    package is absent is skipped with one line; a failing one is logged with its error (never raised)."""
+def run_peers(inputs: PeerInputs, peers: list[Peer], log: Callable[[str], None] = print,
+              dampings: list[float | None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Each peer's matrix ``{row: [n_train, n_test]}``, and ``{row: error}`` for those that failed. A peer whose
+    package is absent is skipped with one line; a failing one is logged with its error (never raised). A damped peer
+    runs once per value of ``dampings`` (default ``[None]``: its heuristic), one row each."""
     values, failures, skipped = {}, {}, set()
     for peer in peers:
         if not installed(peer.package):
@@ -299,21 +312,24 @@ def run_peers(inputs: PeerInputs, peers: list[Peer], log: Callable[[str], None] 
                 log(f"{peer.package} not installed: skipped")
                 skipped.add(peer.package)
             continue
-        start = time.perf_counter()
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # the peers' progress bars
-                matrix = peer.fn(inputs)
-            if not np.all(np.isfinite(matrix)):
-                raise FloatingPointError(f"{int((~np.isfinite(matrix)).sum())} non-finite values")
-        except Exception as error:  # noqa: BLE001 - a peer's failure is a result to report, not a crash
-            message = f"{type(error).__name__}: {error}"
-            failures[peer.label] = message
-            log(f"{peer.label}: failed ({message})")
-            if inputs.options.get("traceback"):
-                log(traceback.format_exc())
-            continue
-        values[peer.label] = matrix
-        log(f"{peer.label}: {time.perf_counter() - start:.1f} s")
+        for damping in (dampings or [None]) if peer.damped else [None]:
+            row = peer.row(damping)
+            run_inputs = replace(inputs, options={**inputs.options, "damping": damping}) if peer.damped else inputs
+            start = time.perf_counter()
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # the peers' progress bars
+                    matrix = peer.fn(run_inputs)
+                if not np.all(np.isfinite(matrix)):
+                    raise FloatingPointError(f"{int((~np.isfinite(matrix)).sum())} non-finite values")
+            except Exception as error:  # noqa: BLE001 - a peer's failure is a result to report, not a crash
+                message = f"{type(error).__name__}: {error}"
+                failures[row] = message
+                log(f"{row}: failed ({message})")
+                if inputs.options.get("traceback"):
+                    log(traceback.format_exc())
+                continue
+            values[row] = matrix
+            log(f"{row}: {time.perf_counter() - start:.1f} s")
     return values, failures
 
 

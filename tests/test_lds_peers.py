@@ -138,6 +138,22 @@ def test_run_peers_skips_absent_packages_and_reports_failures():
     assert any(line.startswith("broken: failed (RuntimeError: boom)") for line in lines)
 
 
+def test_damped_peers_run_once_per_damping():
+    seen = []
+
+    def record(inputs):
+        seen.append(inputs.options["damping"])
+        return np.zeros((3, 2))
+
+    inputs = lds_peers.PeerInputs(model=torch.nn.Linear(2, 2), train={"y": torch.zeros(3)}, test={"y": torch.zeros(2)},
+                                  checkpoints=[], lrs=np.zeros(0), step_ids=[], final_state={}, steps_per_epoch=1,
+                                  options={"seed": 3})
+    peer = lds_peers.Peer("e", "ekfac (final model)", "numpy", record, damped=True)
+    values, _ = lds_peers.run_peers(inputs, [peer], log=lambda line: None, dampings=[None, 0.1])
+    assert seen == [None, 0.1] and inputs.options == {"seed": 3}
+    assert list(values) == ["ekfac (final model, heuristic damping)", "ekfac (final model, damping 0.1)"]
+
+
 def test_select_names_peers():
     assert [p.key for p in lds_peers.select(None)] == lds_peers.PEER_KEYS
     assert lds_peers.select(["none"]) == []
