@@ -35,7 +35,7 @@ def summary_lines(run: Run, top: int = 5, phase_length: int | None = None) -> li
     lines = [
         f"run            {', '.join(str(p) for p in run.paths)}",
         f"steps          {run.num_steps} ({int(steps['skipped'].sum())} skipped)",
-        f"samples        {run.sample_ids.size} distinct, {run.num_records} occurrences",
+        f"samples        {run.num_samples} distinct, {run.num_records} occurrences",
         f"update rule    {run.config.get('update_rule', '?')}, Shapley order {run.config.get('shapley_order', '?')}",
         f"coverage       {coverage.get('fraction', 1.0):.1%} of trainable parameters",
     ]
@@ -167,6 +167,8 @@ def plot(run: Run, png: Path, phase_length: int | None = None) -> Path:
 def write_report(path: str | Path, png: str | Path | None = None, top: int = 5, phase_length: int | None = None) -> None:
     """Print the report of the run at ``path`` and write its plot (default: next to the store, ``.png``)."""
     with open_run(path) as run:
+        # every aggregate the report and its plot use, in one pass over the records (each column read once)
+        run.precompute(_orders(run), window=_phase_length(run, phase_length), by_source=run.source_names is not None)
         for line in summary_lines(run, top=top, phase_length=phase_length):
             print(line)
         target = Path(png) if png else Path(run.paths[0]).with_suffix(".png")

@@ -559,3 +559,52 @@ def test_id_index_positions(kind, monkeypatch):
     everything = np.concatenate(blocks)
     np.testing.assert_array_equal(index.ids, np.unique(everything))
     np.testing.assert_array_equal(index.ids[index.positions(everything)], everything)
+    fresh = reader.IdIndex.build(lambda: iter(blocks), sum(b.size for b in blocks))  # ids not drawn yet
+    picks = np.random.default_rng(2).integers(0, fresh.size, 50)
+    np.testing.assert_array_equal(fresh.ids_at(picks), np.unique(everything)[picks])
+    assert fresh.size == np.unique(everything).size
+    many = np.random.default_rng(3).permutation(np.repeat(everything, 3))  # >= 4096 keys: sorted-search path
+    assert many.size >= 4096
+    np.testing.assert_array_equal(np.unique(everything)[fresh.positions(many)], many)
+
+
+@pytest.mark.parametrize("window", [3, 4])
+def test_precompute_matches_separate_calls_and_reads_nothing_after(sparse_run, window, monkeypatch):
+    run, raw, _ = sparse_run
+    run.precompute((1, 2), window=window, by_source=True)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("precompute should have kept this aggregate")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "_blocks", no_reads)
+        kept = {order: (run.sample_values(order), run.top_k(4, order), run.bottom_k(3, order),
+                        run.phase_values(window, order, by_source=True)) for order in (1, 2)}
+        assert run.num_samples == np.unique(raw["sample_id"]).size
+    with open_run(run.paths[0].parent) as fresh:  # the same answers one call at a time, each from its own pass
+        for order, (values, top, bottom, phases) in kept.items():
+            for got, want in zip((values, top, bottom),
+                                 (fresh.sample_values(order), fresh.top_k(4, order), fresh.bottom_k(3, order))):
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])
+            want = fresh.phase_values(window, order, by_source=True)
+            np.testing.assert_array_equal(phases.values, want.values)
+            np.testing.assert_array_equal(phases.counts, want.counts)
+            assert phases.source_names == want.source_names
+    ids, sums, _ = plain_sums(raw, raw["value_2"])  # and against plain numpy
+    np.testing.assert_allclose(kept[2][0][1], sums, rtol=1e-12, atol=1e-12)
+
+
+def test_phases_with_labels_far_apart(tmp_path):
+    """Source labels spread over a wide range (not a small table of labels) are summed per label all the same."""
+    labels = np.array([5, 300_000, -1, 300_000, 5, -(2**31)], np.int32)
+    values = np.array([1.0, 2.0, 4.0, 8.0, np.nan, 16.0])
+    with RunWriter(tmp_path / "run.h5") as w:
+        w.append_step({"lr": 0.1}, {"sample_id": np.arange(6), "value_1": values, "source": labels})
+        w.append_step({"lr": 0.1}, {"sample_id": np.arange(2), "value_1": np.array([32.0, 64.0]),
+                                    "source": np.array([300_000, 7], np.int32)})
+    with open_run(tmp_path / "run.h5") as run:
+        phases = run.phase_values(window=1, by_source=True)
+    assert phases.source_ids.tolist() == [-(2**31), -1, 5, 7, 300_000]
+    np.testing.assert_array_equal(phases.values, [[16.0, 4.0, 1.0, 0.0, 10.0], [0.0, 0.0, 0.0, 64.0, 32.0]])
+    np.testing.assert_array_equal(phases.counts, [[1, 1, 1, 0, 2], [0, 0, 0, 1, 1]])
