@@ -92,7 +92,7 @@ from inrun.callbacks.distributed import split_validation as split_validation_set
 from inrun.engine.checks import validate_check_every
 from inrun.errors import InRunError
 from inrun.store.paths import new_run_id
-from inrun.valuation.recorder import InRunRecorder
+from inrun.valuation.recorder import InRunRecorder, check_compression
 from inrun.valuation.update_rules import DEFAULT_ADAM_VALUES, check_adam_values
 from inrun.valuation.validation import LossFn
 
@@ -149,7 +149,8 @@ class DeepSpeedInRun:
             evaluates every point.
         Other keyword arguments go to :class:`inrun.valuation.recorder.InRunRecorder` (``per_val_point``, ``index_key``,
         ``index_fn``, ``source_key``, ``source_names``, ``record_norms``, ``allow_unsupported``, ``overwrite``,
-        ``flush_every``, ``checkpoint_every``, ``update_rule``). Every argument is checked before the first step (an
+        ``flush_every``, ``checkpoint_every``, ``update_rule``, ``compression``: ``"auto"``, ``"gzip"``, ``"lzf"`` or
+        None to keep the store uncompressed when the run closes). Every argument is checked before the first step (an
         optimizer inrun does not know is an error unless ``update_rule`` names its rule); the store is created at
         the first step.
     """
@@ -179,8 +180,10 @@ class DeepSpeedInRun:
         adam_values: str = DEFAULT_ADAM_VALUES,
         check: bool = True,
         check_every: int | None = None,
+        compression: str | None = "auto",
     ):
         check_adam_values(adam_values)
+        check_compression(compression)
         validate_check_every(check_every)
         self.adapter = DeepSpeedAdapter(engine)
         self.engine = engine
@@ -198,7 +201,7 @@ class DeepSpeedInRun:
         options = dict(per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
                        source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
                        overwrite=overwrite, flush_every=flush_every, update_rule=update_rule,
-                       adam_values=adam_values, check=check, check_every=check_every)
+                       adam_values=adam_values, check=check, check_every=check_every, compression=compression)
         if checkpoint_every is not None:  # model snapshots for post-hoc values (rank 0; full tensors under ZeRO-3)
             options["checkpoint_every"] = checkpoint_every
 

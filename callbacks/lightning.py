@@ -20,7 +20,7 @@ from inrun.callbacks.distributed import all_gather_object, split_validation, sum
 from inrun.engine.checks import validate_check_every
 from inrun.store.paths import new_run_id
 from inrun.valuation.arguments import check_recorder_arguments
-from inrun.valuation.recorder import InRunRecorder
+from inrun.valuation.recorder import InRunRecorder, check_compression
 from inrun.valuation.update_rules import DEFAULT_ADAM_VALUES, check_adam_values
 from inrun.valuation.validation import LossFn, validation_batches
 
@@ -58,6 +58,9 @@ class InRunCallback(L.Callback):
         check / check_every: the self-checks (gradient completeness, sample independence, a per-sample spot check)
             run at the first optimizer step and, with ``check_every=k``, every k steps; ``check=False`` turns them off
             (unsafe: a model pattern inrun cannot attribute exactly then gives wrong values without an error).
+        compression: how the store is rewritten when the run closes: ``"auto"`` (default: gzip, or none for a run
+            recording embeddings), ``"gzip"``, ``"lzf"`` or None (stays uncompressed: no close-time rewrite, which
+            for a very large store takes minutes and as much free disk again).
         split_validation: with several processes (DDP, DeepSpeed), each rank evaluates its share of the validation
             points and collectives assemble the rest (the values are those of one process; every rank must pass the
             same ``val_data``, which is checked). False: every rank evaluates every point.
@@ -90,9 +93,11 @@ class InRunCallback(L.Callback):
         adam_values: str = DEFAULT_ADAM_VALUES,
         check: bool = True,
         check_every: int | None = None,
+        compression: str | None = "auto",
     ):
         super().__init__()
         check_adam_values(adam_values)
+        check_compression(compression)
         validate_check_every(check_every)
         check_recorder_arguments(
             path=path, val_data=val_data, loss_fn=loss_fn, shapley=shapley, embeddings=embeddings,
@@ -110,7 +115,7 @@ class InRunCallback(L.Callback):
             embeddings=embeddings, per_val_point=per_val_point, index_key=index_key, index_fn=index_fn, source_key=source_key,
             source_names=source_names, record_norms=record_norms, allow_unsupported=allow_unsupported,
             overwrite=overwrite, flush_every=flush_every, checkpoint_every=checkpoint_every, update_rule=update_rule,
-            adam_values=adam_values, check=check, check_every=check_every,
+            adam_values=adam_values, check=check, check_every=check_every, compression=compression,
         )
         self.wandb = wandb
         self.split_validation = split_validation

@@ -110,6 +110,18 @@ class PendingStep:
         return cls(state["step"], state["lr"], StepValues(**values), state["train_loss"])
 
 
+COMPRESSIONS = ("auto", "gzip", "lzf", None)
+
+
+def check_compression(compression: Any) -> str | None:
+    """``compression`` if it is one of ``COMPRESSIONS``, else an :class:`InvalidArgumentError` naming it."""
+    if not any(compression is c or (isinstance(compression, str) and compression == c) for c in COMPRESSIONS):
+        raise InvalidArgumentError(
+            f"compression must be 'auto' (gzip, or none for runs recording embeddings), 'gzip', 'lzf' or None "
+            f"(the store stays uncompressed when the run closes), not {compression!r}")
+    return compression
+
+
 class InRunRecorder:
     """Records In-Run Data Shapley values of every optimizer step into a run store (one file per rank)."""
 
@@ -141,8 +153,11 @@ class InRunRecorder:
         adam_values: str = DEFAULT_ADAM_VALUES,
         check: bool = True,
         check_every: int | None = None,
+        compression: str | None = "auto",
     ):
         # every argument is checked here, before any training step and before anything is written
+        #: how the store is compressed when the run closes ("auto": gzip, or none for a run recording embeddings)
+        self.compression = check_compression(compression)
         #: how Adam-family steps are split into per-sample updates (update_rules.ADAM_VALUES, docs/adam-values.md)
         self.adam_values = check_adam_values(adam_values)
         if not isinstance(model, nn.Module):
@@ -280,7 +295,8 @@ class InRunRecorder:
         if state is not None:
             self.run_id = state["run_id"]
             self.writer = RunWriter(self.path, resume=True, run_id=self.run_id, rank=self.rank,
-                                    world_size=self.world_size, flush_every=self.flush_every)
+                                    world_size=self.world_size, flush_every=self.flush_every,
+                                    compression=self._store_compression())
             pending = state.get("pending")
             self.writer.truncate_to_step(pending["step"] if pending else state["next_step"])
             self.next_step = state["next_step"]
@@ -291,13 +307,18 @@ class InRunRecorder:
             config={**self._config(), "update_rule": update_rule},
             coverage=self.capture.coverage.as_dict(), step_columns=step_columns, record_columns=record_columns,
             overwrite=self.overwrite, flush_every=self.flush_every,
-            # projected gradients barely compress (~10%) and gzip rewrites them at 15-30 MB/s when the run closes
-            compression=None if self.projector is not None else "gzip",
+            compression=self._store_compression(),
         )
         if self.source_names:
             self.writer.write_static("sources/names", np.array(self.source_names, dtype=object))
         if self.projector is not None:
             self._write_projection(self.projector)
+
+    def _store_compression(self) -> str | None:
+        if self.compression != "auto":
+            return self.compression
+        # projected gradients barely compress (~10%) and gzip rewrites them at 15-30 MB/s when the run closes
+        return None if self.projector is not None else "gzip"
 
     def _check_embedding_size(self, record_columns: dict[str, Column]) -> None:
         """State what the projected gradients will take on disk (rank 0, on stderr and in ``embedding_size``) and
