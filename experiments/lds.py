@@ -170,11 +170,31 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / denominator) if denominator > 0 else 0.0
 
 
-def lds(values: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
-    """Mean over test points of Spearman(sum of values over the subset, -retrained loss)."""
+def lds_points(values: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Per test point: Spearman(sum of values over the subset, -retrained loss)."""
     values = np.nan_to_num(np.asarray(values, np.float64))
     predicted = masks.astype(np.float64) @ values  # [subsets, test_points]
-    return float(np.mean([spearman(predicted[:, j], -losses[:, j]) for j in range(losses.shape[1])]))
+    return np.array([spearman(predicted[:, j], -losses[:, j]) for j in range(losses.shape[1])])
+
+
+def lds(values: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
+    """Mean over test points of Spearman(sum of values over the subset, -retrained loss)."""
+    return float(np.mean(lds_points(values, masks, losses)))
+
+
+class Score(float):
+    """An LDS that keeps its per-test-point correlations (``points``), for paired comparisons of methods."""
+
+    points: np.ndarray
+
+    def __new__(cls, points: np.ndarray) -> "Score":
+        score = super().__new__(cls, float(np.mean(points)))
+        score.points = points
+        return score
+
+
+def lds_score(values: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> Score:
+    return Score(lds_points(values, masks, losses))
 
 
 # ------------------------------------------------------------------------------------------------------ recording
@@ -308,23 +328,24 @@ def evaluate(s: Settings, args: argparse.Namespace, cache: Path, folder: Path) -
     with inrun.open_run(path) as run:
         label = "" if s.optimizer == "sgd" else f" [{variants[0]}]"
         for order in (1, 2):
-            scores[f"In-Run Shapley recorded, order {order}{label}"] = lds(per_val_values(run, order, s.n_train),
+            scores[f"In-Run Shapley recorded, order {order}{label}"] = lds_score(per_val_values(run, order, s.n_train),
                                                                           masks, losses)
         scores[f"share of |value| in step 0{label}"] = step_zero_share(run)
         if not args.no_posthoc:
             result = run.posthoc_values(model, loss_fn, test)
-            scores["post-hoc In-Run Shapley, order 1 (every-step checkpoints)"] = lds(result.first, masks, losses)
-            scores["post-hoc In-Run Shapley, order 2 (every-step checkpoints)"] = lds(result.second, masks, losses)
-            scores["trajectory LOO (data value embeddings)"] = lds(run.trajectory_loo(model, loss_fn, test),
+            for order, values in ((1, result.first), (2, result.second)):
+                scores[f"post-hoc In-Run Shapley, order {order} (every-step checkpoints)"] = lds_score(values, masks,
+                                                                                                      losses)
+            scores["trajectory LOO (data value embeddings)"] = lds_score(run.trajectory_loo(model, loss_fn, test),
                                                                  masks, losses)
-            scores["TracIn (final model only)"] = lds(baselines.tracin(run, model, loss_fn, test), masks, losses)
+            scores["TracIn (final model only)"] = lds_score(baselines.tracin(run, model, loss_fn, test), masks, losses)
             tracin_cp = tracin_cp_values(run, model, test, train)
-            scores["TracInCP (every-step checkpoints)"] = lds(tracin_cp, masks, losses)
+            scores["TracInCP (every-step checkpoints)"] = lds_score(tracin_cp, masks, losses)
             gradients = baselines.training_gradients(run, model, loss_fn, train)
             for damping in args.damping:
-                scores[f"LoGra (damping {damping:g})"] = lds(
+                scores[f"LoGra (damping {damping:g})"] = lds_score(
                     baselines.logra(run, model, loss_fn, test, gradients=gradients, damping=damping), masks, losses)
-                scores[f"DataInf (damping {damping:g})"] = lds(
+                scores[f"DataInf (damping {damping:g})"] = lds_score(
                     baselines.datainf(run, model, loss_fn, test, gradients=gradients, damping=damping), masks, losses)
             if args.peer_list:
                 scores.update(peer_scores(s, args, run, model, train, test, masks, losses, tracin_cp))
@@ -336,7 +357,7 @@ def evaluate(s: Settings, args: argparse.Namespace, cache: Path, folder: Path) -
         record(s, train, test, path, adam_values=variant)
         with inrun.open_run(path) as run:
             for order in (1, 2):
-                scores[f"In-Run Shapley recorded, order {order} [{variant}]"] = lds(
+                scores[f"In-Run Shapley recorded, order {order} [{variant}]"] = lds_score(
                     per_val_values(run, order, s.n_train), masks, losses)
             scores[f"share of |value| in step 0 [{variant}]"] = step_zero_share(run)
     if s.optimizer == "adamw" and args.step_loo:
@@ -354,7 +375,7 @@ def peer_scores(s: Settings, args: argparse.Namespace, run, model: nn.Module, tr
     inputs = lds_peers.inputs_from_run(run, model, train, test, list(batches(s)), steps_per_epoch(s), seed=s.seed)
     values, failures = lds_peers.run_peers(inputs, args.peer_list, dampings=args.peer_dampings,
                                            log=lambda line: print(f"[{s.optimizer}] {line}", flush=True))
-    scores = {label: lds(matrix, masks, losses) for label, matrix in values.items()}
+    scores = {label: lds_score(matrix, masks, losses) for label, matrix in values.items()}
     scores.update({label: float("nan") for label in failures})
     tracin = next((p.label for p in lds_peers.PEERS if p.key == "dattri-tracin"), None)
     if tracin in values:
@@ -362,6 +383,26 @@ def peer_scores(s: Settings, args: argparse.Namespace, run, model: nn.Module, tr
         print(f"[{s.optimizer}] sign check: Pearson(dattri TracIn, inrun TracInCP) = {rho:.4f}", flush=True)
         scores["sign check: Pearson(dattri TracIn, inrun TracInCP)"] = rho
     return scores
+
+
+NOT_METHODS = ("share of |value|", "sign check", "step LOO")
+
+
+def best_inrun_vs_peer(scores: dict[str, float]) -> str | None:
+    """'best inrun method X vs best peer Y' from one optimizer's scores (None without peer rows)."""
+    peer_prefixes = tuple({p.label.split(" ")[0] + " " for p in lds_peers.PEERS})
+    methods = {k: v for k, v in scores.items() if not k.startswith(NOT_METHODS) and np.isfinite(v)}
+    peers = {k: v for k, v in methods.items() if k.startswith(peer_prefixes)}
+    inrun_rows = {k: v for k, v in methods.items() if k not in peers}
+    if not peers or not inrun_rows:
+        return None
+    best_inrun, best_peer = max(inrun_rows, key=inrun_rows.get), max(peers, key=peers.get)
+    a, b = scores[best_inrun], scores[best_peer]
+    spread = ""
+    if isinstance(a, Score) and isinstance(b, Score) and a.points.size > 1:
+        d = a.points - b.points
+        spread = f" (paired standard error over {d.size} test points {np.std(d, ddof=1) / np.sqrt(d.size):.3f})"
+    return (f"best inrun: {best_inrun} {a:.3f}; best peer: {best_peer} {b:.3f}; difference {a - b:+.3f}{spread}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -419,6 +460,10 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [("failed" if np.isnan(results[o][key]) else f"{results[o][key]:.3f}") if key in results[o] else ""
                  for o in args.optimizers]
         print(f"| {key} | " + " | ".join(cells) + " |")
+    for name in args.optimizers:
+        line = best_inrun_vs_peer(results[name])
+        if line:
+            print(f"[{name}] {line}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()
                                              if k not in ("peer_list", "peer_dampings")},

@@ -88,8 +88,9 @@ def inputs_from_run(run, model: nn.Module, train: dict, test: dict, step_ids: li
     n_steps = len(step_ids)
     missing = [t for t in range(n_steps) if t not in found]
     if missing:
-        raise ValueError(f"run {run.paths[0]} lacks the checkpoints of steps {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                         f" ({len(found)} found for {n_steps} steps); record with checkpoint_every=1")
+        more = "..." if len(missing) > 5 else ""
+        raise ValueError(f"run {run.paths[0]} lacks the checkpoints of steps {missing[:5]}{more} ({len(found)} found "
+                         f"for {n_steps} steps); record with checkpoint_every=1")
     if "lr" not in steps:
         raise ValueError(f"run {run.paths[0]} has no learning rates in its steps table")
     lr_of = dict(zip(numbers.tolist(), np.asarray(steps["lr"], np.float64).tolist()))
