@@ -402,13 +402,14 @@ def test_two_million_records_against_a_sorting_reference(tmp_path):
 PER_VAL_2 = PER_VAL | {"value_2_per_val": (np.float32, (2,))}
 
 
-def write_sparse_rank(path: Path, seed: int, rank: int, world_size: int, ids_pool: np.ndarray) -> dict:
+def write_sparse_rank(path: Path, seed: int, rank: int, world_size: int, ids_pool: np.ndarray,
+                      compression: str | None = "gzip") -> dict:
     """A rank file with ids drawn from ``ids_pool`` (hashed-looking int64 ids), returning its raw columns."""
     rng = np.random.default_rng(seed)
     raw = {k: [] for k in ("step", "lr", "sample_id", "value_1", "value_2", "grad_norm_sq", "source",
                            "value_1_per_val", "value_2_per_val")}
     with RunWriter(path, run_id="sparse", rank=rank, world_size=world_size, record_columns=PER_VAL_2,
-                   flush_every=3) as w:
+                   flush_every=3, compression=compression) as w:
         for t in range(9):
             n = int(rng.integers(0, 9))
             records = {
@@ -432,9 +433,11 @@ def write_sparse_rank(path: Path, seed: int, rank: int, world_size: int, ids_poo
     return {k: np.concatenate(v) for k, v in raw.items()}
 
 
-@pytest.fixture(params=["bitmap", "sorted"])
+@pytest.fixture(params=["bitmap", "bitmap-streamed", "sorted"])
 def sparse_run(tmp_path, monkeypatch, request):
-    """Two ranks, ids from a sparse pool (up to 2**62) or a compact one, read in blocks of 5 rows."""
+    """Two ranks, ids from a sparse pool (up to 2**62) or a compact one, read in blocks of 5 rows. "bitmap": the
+    bitmaps the close-time compression stored with each rank file; "bitmap-streamed": uncompressed files without
+    them, the bitmap built by a pass over the ids."""
     import inrun.store.reader as reader
 
     monkeypatch.setattr(reader, "BLOCK_ROWS", 5)
@@ -443,10 +446,14 @@ def sparse_run(tmp_path, monkeypatch, request):
         pool = np.r_[rng.integers(-(2**62), 2**62, 20), 2**62, -(2**62)]
     else:
         pool = rng.choice(400, 25, replace=False) - 100
-    raws = [write_sparse_rank(rank_path(tmp_path / "run.h5", r, 2), 20 + r, r, 2, pool) for r in range(2)]
+    compression = None if request.param == "bitmap-streamed" else "gzip"
+    raws = [write_sparse_rank(rank_path(tmp_path / "run.h5", r, 2), 20 + r, r, 2, pool, compression)
+            for r in range(2)]
     raw = {k: np.concatenate([r[k] for r in raws]) for k in raws[0]}
     with open_run(tmp_path / "run.h5") as run:
-        assert run._id_index().kind == request.param
+        assert run._id_index().kind == request.param.split("-")[0]
+        stored = [f.id_bitmap() is not None for f in run._files]
+        assert stored == [request.param == "bitmap"] * 2
         yield run, raw, raws
 
 
@@ -608,3 +615,32 @@ def test_phases_with_labels_far_apart(tmp_path):
     assert phases.source_ids.tolist() == [-(2**31), -1, 5, 7, 300_000]
     np.testing.assert_array_equal(phases.values, [[16.0, 4.0, 1.0, 0.0, 10.0], [0.0, 0.0, 0.0, 64.0, 32.0]])
     np.testing.assert_array_equal(phases.counts, [[1, 1, 1, 0, 2], [0, 0, 0, 1, 1]])
+
+
+def test_stored_id_bitmap_is_used_only_when_it_covers_the_committed_rows(tmp_path, monkeypatch):
+    """The bitmap kept at close spares the id pass; one that does not cover exactly the committed rows (written
+    for other rows) is ignored and the ids are found by the pass."""
+    from inrun.store import compression
+
+    steps = make_steps(7, n_steps=20, n_ids=40)
+    path = write_run(tmp_path / "run.h5", steps)
+    expected = np.unique(np.concatenate([r["sample_id"] for _, r in steps]))
+    with h5py.File(path, "r") as f:
+        bits = f["index/sample_id_bits"]
+        lo, words = int(bits.attrs["lo"]), bits[()]
+    got = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")) + lo
+    np.testing.assert_array_equal(got, expected)  # the stored bits, read without the reader
+    with open_run(path) as run:
+        calls = []
+        monkeypatch.setattr(run, "_blocks", lambda columns: calls.append(columns) or iter(()))
+        np.testing.assert_array_equal(run.sample_ids, expected)
+        assert calls == []  # no pass over the ids
+        monkeypatch.undo()
+    with h5py.File(path, "r+") as f:
+        f["index/sample_id_bits"].attrs["rows"] = 1  # as if written for other rows
+    with open_run(path) as run:
+        assert run._files[0].id_bitmap() is None
+        np.testing.assert_array_equal(run.sample_ids, expected)
+    compression.repack(path, None)  # uncompressed (as for a resume): the bitmap is dropped
+    with h5py.File(path, "r") as f:
+        assert "index" not in f

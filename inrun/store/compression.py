@@ -15,6 +15,7 @@ import numpy as np
 
 from inrun.store.durability import SwallowedErrors, fsync_path
 from inrun.store.faults import fault_point
+from inrun.store.idbitmap import STORED_GROUP, STORED_NAME, BitmapBuilder, bitmap_limit
 from inrun.store.lock import StoreLock
 from inrun.store.rankfile import committed_counts
 from inrun.store.schema import (
@@ -31,6 +32,7 @@ from inrun.store.schema import (
 )
 
 COPY_BLOCK_ELEMENTS = 1 << 22  # elements per block when rewriting a table
+STORED_BITMAP_MAX_IDS = 1 << 31  # the id bitmap kept with a compressed store covers at most this range (256 MiB)
 
 
 REPACK_SUFFIX = ".repack.tmp"
@@ -90,23 +92,34 @@ def _copy_store(src: h5py.File, dst: h5py.File, path: Path, compression: str | N
     for key, value in src.attrs.items():
         dst.attrs[key] = value
     dst.attrs["committed_rows"] = rows
+    # a compressed (finished) store keeps the bitmap of its sample ids: reading it then needs no pass over the ids
+    bitmap = BitmapBuilder(bitmap_limit(rows, STORED_BITMAP_MAX_IDS)) if compression and rows else None
     for table, n in ((STEPS, steps), (RECORDS, rows)):
         columns = table_columns(src[table])
         create_table(dst.create_group(table, track_order=True), columns, compression)
         for name in columns:
-            _copy_rows(src[table][name], dst[table][name], n)
+            seen = bitmap.add if bitmap is not None and table == RECORDS and name == "sample_id" else None
+            _copy_rows(src[table][name], dst[table][name], n, seen)
     for name in src:
-        if name not in (STEPS, RECORDS):
+        if name not in (STEPS, RECORDS, STORED_GROUP):  # an old bitmap is never copied: it may not fit the rows
             _copy_static(src[name], dst, compression)
+    if bitmap is not None and bitmap.words is not None:
+        ds = dst.require_group(STORED_GROUP).create_dataset(STORED_NAME, data=bitmap.words,
+                                                            **compression_options(compression))
+        ds.attrs.update({"lo": bitmap.lo, "steps": steps, "rows": rows})
 
 
-def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
+def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int, seen=None) -> None:
+    """Copy the first ``n`` rows in blocks of whole chunks; ``seen(block)`` is called with each block."""
     dst.resize(n, axis=0)
     chunk_rows = dst.chunks[0]  # whole chunks per block: no chunk is compressed twice
     block = chunk_rows * max(1, COPY_BLOCK_ELEMENTS // (chunk_rows * math.prod(src.shape[1:])))
     for start in range(0, n, block):
         stop = min(n, start + block)
-        dst[start:stop] = src[start:stop]
+        rows = src[start:stop]
+        dst[start:stop] = rows
+        if seen is not None:
+            seen(rows)
 
 
 def _copy_static(obj: h5py.Group | h5py.Dataset, dst_parent: h5py.Group, compression: str | None) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from inrun.store.idbitmap import STORED_GROUP, STORED_NAME
 from inrun.store.lock import is_locked
 from inrun.store.schema import (
     READ_OPTIONS,
@@ -143,6 +144,17 @@ class RankFile:
         """Rows ``start:stop`` (default: all committed) of record column ``name``."""
         stop = self.committed_rows if stop is None else min(stop, self.committed_rows)
         return _column(self._fresh()[RECORDS], name, start, stop, self.path)
+
+    def id_bitmap(self) -> tuple[int, np.ndarray] | None:
+        """``(lo, words)``: the bitmap of this file's sample ids that the close-time compression stored, or None
+        (a live or uncompressed store, sparse ids, or a bitmap that does not cover exactly the committed rows)."""
+        if self.live or STORED_GROUP not in self.file or STORED_NAME not in self.file[STORED_GROUP]:
+            return None
+        ds = self.file[STORED_GROUP][STORED_NAME]
+        if (int(ds.attrs.get("rows", -1)), int(ds.attrs.get("steps", -1))) != (self.committed_rows,
+                                                                                self.committed_steps):
+            return None
+        return int(ds.attrs["lo"]), ds[()]
 
     def has_static(self, path: str) -> bool:
         return path.strip("/") in self.file

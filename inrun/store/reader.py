@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from inrun.store.idbitmap import bitmap_of, merge_bitmaps
 from inrun.store.paths import find_rank_files
 from inrun.store.rankfile import RankFile
 from inrun.store.schema import IncompatibleStoreError
@@ -21,8 +22,8 @@ NORMALIZATIONS = ("none", "lr", "grad_norm", "count")
 SOURCE_NAMES_PATH = "sources/names"
 UNLABELLED = "unlabelled"  # name of source -1 (a batch without source labels)
 BLOCK_ROWS = 1 << 20  # rows per read block (8 MiB per 8-byte column)
-BITMAP_MAX_IDS = 1 << 32  # the id index uses a bitmap over the id range up to this range (768 MiB) ...
-BITMAP_IDS_PER_ROW = 32  # ... and at most this many ids of range per record (6 bytes per row): else sorted ids
+BITMAP_MAX_IDS = 1 << 32  # the id index uses a bitmap over the id range up to this range (768 MiB) and at most
+# idbitmap.BITMAP_IDS_PER_ROW ids of range per record: else sorted ids
 
 
 @dataclass(frozen=True)
@@ -162,40 +163,21 @@ class IdIndex:
     def build(cls, blocks: Callable[[], Iterator[np.ndarray]], rows: int) -> "IdIndex":
         """The index of the ids yielded by ``blocks()`` (``rows`` ids in all): one streamed pass that sets bits
         while the id range allows a bitmap, else (a second call of ``blocks()``) sorted distinct ids."""
-        limit = min(BITMAP_MAX_IDS, BITMAP_IDS_PER_ROW * rows + (1 << 16))
-        lo, words = 0, None
-        for ids in blocks():
-            if not ids.size:
-                continue
-            low, high = int(ids.min()), int(ids.max())
-            if words is None:
-                lo, words = low, np.zeros(0, np.uint64)
-            if low < lo or high >= lo + 64 * words.size:  # widen the bitmap, in whole words
-                below = -(-(lo - low) // 64) if low < lo else 0
-                above = max(0, -(-(high - lo + 1) // 64) - words.size)
-                if 64 * (words.size + below + above) > limit:
-                    return cls(_sorted_unique(blocks()))
-                words = np.concatenate([np.zeros(below, np.uint64), words, np.zeros(above, np.uint64)])
-                lo -= 64 * below
-            offsets = ids - lo
-            _set(words, offsets.astype(np.uint32) if 64 * words.size <= 2**32 else offsets.view(np.uint64))
-        if words is None:
-            return cls(np.zeros(0, np.int64))
+        found = bitmap_of(blocks(), rows, BITMAP_MAX_IDS)
+        if found is None:
+            return cls(_sorted_unique(blocks()))
+        return cls.from_bitmap(*found)
+
+    @classmethod
+    def from_bitmap(cls, lo: int, words: np.ndarray) -> "IdIndex":
+        """The index of the ids whose bits are set in ``words`` (bit j of word w is id ``lo + 64 w + j``)."""
         counts = np.bitwise_count(words)
         total = int(counts.sum(dtype=np.int64))
+        if not total:
+            return cls(np.zeros(0, np.int64))
         ranks = np.cumsum(counts, dtype=np.int64 if total >= 2**31 else np.int32)
         ranks -= counts
         return cls(None, lo, words, ranks, total)
-
-
-def _set(words: np.ndarray, offsets: np.ndarray) -> None:
-    """Set bit ``offset`` (bit j of word w is offset 64 w + j) for every offset; repeats within a word are ORed
-    together first (a sorted block, one OR-reduction per word; 32-bit offsets sort about twice as fast)."""
-    offsets = np.sort(offsets)
-    word = offsets >> offsets.dtype.type(6)
-    starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
-    bits = np.left_shift(np.uint64(1), (offsets & offsets.dtype.type(63)).astype(np.uint64))
-    words[word[starts].astype(np.intp)] |= np.bitwise_or.reduceat(bits, starts)
 
 
 def _set_bits(words: np.ndarray, total: int) -> np.ndarray:
@@ -459,7 +441,13 @@ class Run:
         def blocks() -> Iterator[np.ndarray]:
             return (block["sample_id"] for *_, block in self._blocks(["sample_id"]))
 
-        return self._cached("id_index", lambda: IdIndex.build(blocks, self.num_records))
+        def build() -> IdIndex:
+            stored = [f.id_bitmap() for f in self._files]  # kept by the close-time compression: no id pass
+            if all(bitmap is not None for bitmap in stored):
+                return IdIndex.from_bitmap(*merge_bitmaps(stored))
+            return IdIndex.build(blocks, self.num_records)
+
+        return self._cached("id_index", build)
 
     def sample_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, occurrences)``: how many records each sample id has (every epoch, every rank)."""
