@@ -310,11 +310,10 @@ def _adam_group_terms(members: list[tuple[str, Tensor]], grads: dict[str, Tensor
     exp_avgs = [state.get("exp_avg") for state in state_list]
     squares = [state.get("exp_avg_sq") for state in state_list]
     held = [k for k, square in enumerate(squares) if square is not None]
-    seconds: list[Tensor] = [torch.zeros_like(param) for param in params]
-    if held:  # v_{t-1} beta2, new tensors: the optimizer's state is only read
-        scaled = torch._foreach_mul([squares[k] for k in held], beta2)
-        for k, tensor in zip(held, scaled):
-            seconds[k] = tensor
+    # v_{t-1} beta2 in new tensors (the optimizer's state is only read); zeros before the first step
+    scaled = iter(torch._foreach_mul([squares[k] for k in held], beta2) if held else [])
+    seconds: list[Tensor] = [next(scaled) if square is not None else torch.zeros_like(param)
+                             for square, param in zip(squares, params)]
     torch._foreach_addcmul_(seconds, fulls, fulls, value=1 - beta2)  # v_t from the full batch
     first_corrections = [1 - beta1**step for step in steps]
     numerators = [lr * (1 - beta1) / correction for correction in first_corrections]
