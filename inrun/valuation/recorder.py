@@ -543,7 +543,8 @@ class InRunRecorder:
         with a near-zero second moment, where ``D`` is huge but the gradient is not.
         """
         assert self.projector is not None
-        projected = torch.cat([self.projector.project_batch(mb.captured) for mb in microbatches])
+        parts = [self.projector.project_batch(mb.captured) for mb in microbatches]
+        projected = parts[0] if len(parts) == 1 else torch.cat(parts)  # one micro-batch: no copy of [n, dim]
         values.extras["proj_grad"] = projected.cpu().numpy().astype(self.embeddings.dtype, copy=False)
         scales = []
         for block in self.projector.layout:
