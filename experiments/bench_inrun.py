@@ -2,24 +2,32 @@
 
 Configurations, measured side by side in one process on the same model shape, data and number of steps:
 plain training; first-order values; second-order values; first-order values per validation point; and
-projected-gradient recording (embeddings, shapley=None). The validation batch is one eighth of the training batch.
+projected-gradient recording (embeddings, shapley=None, without validation data: no validation pass). The validation
+batch is one eighth of the training batch.
 With AdamW every value configuration runs once per Adam value variant of ``--adam-values`` (``block``, the default,
 values by ghost dot products; ``fixed-state``, the exact elementwise rule). ``--threads 1 2`` repeats the table per
 torch thread count. Ratios are fit time with the callback over fit time without. Timing and memory methods:
 ``experiments/benchutil.py``. ``--fidelity`` also records both variants on the same fit and reports how the default
 approximates the exact fixed-state values (per-step Pearson and Spearman, relative error of run totals).
+``--phases`` then fits every configuration once more with the main pieces of inrun's work timed where they run
+(:data:`PHASES`, CPU time, each counted without the timed pieces it calls) and prints them per optimizer step and as a
+share of a plain step: where the ratio goes. What no phase covers (``other``) is the hooks during the training pass,
+the callback's glue, parameter shifts, direction stacking and Python between the pieces.
 
     .venv/bin/python -m experiments.bench_inrun [--steps 6] [--seq-len 128] [--batch 16] [--layers 2] [--vocab 8192]
-        [--optimizer adamw|sgd] [--adam-values block fixed-state] [--threads 1 2] [--fidelity]
+        [--optimizer adamw|sgd] [--adam-values block fixed-state] [--threads 1 2] [--fidelity] [--phases]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -75,6 +83,105 @@ CONFIGS = {
 }
 
 
+#: (label, "module:Class" or "module", attribute): the pieces of inrun's work timed by ``--phases``; functions are patched
+#: in the module that calls them
+PHASES = [
+    ("first-step self-checks", "inrun.engine.checks:RecorderChecks", "on_start"),
+    ("first-step self-checks", "inrun.engine.checks:RecorderChecks", "on_microbatch"),
+    ("first-step self-checks", "inrun.engine.checks:RecorderChecks", "on_step"),
+    ("factor collection (end of backward)", "inrun.valuation.recorder:InRunRecorder", "end_microbatch"),
+    ("non-finite gradient check", "inrun.valuation.recorder:InRunRecorder", "_non_finite"),
+    ("update terms (Adam)", "inrun.valuation.recorder", "update_terms"),
+    ("validation gradient(s)", "inrun.valuation.validation:ValidationSet", "gradient"),
+    ("validation factors (ghost route)", "inrun.valuation.validation:ValidationSet", "captured"),
+    ("validation losses (base, final)", "inrun.valuation.validation:ValidationSet", "loss"),
+    ("products with D g_V and norms", "inrun.engine.captured:CapturedBatch", "fixed_dots_and_norms"),
+    ("ghost products and norms", "inrun.engine.captured:CapturedBatch", "dots_by_parameter"),
+    ("ghost products and norms", "inrun.engine.captured:CapturedBatch", "squared_norms"),
+    ("projections (embeddings)", "inrun.valuation.recorder:InRunRecorder", "_add_projections"),
+    ("store creation", "inrun.valuation.recorder:InRunRecorder", "_open_store"),
+    ("store rows and commits", "inrun.store.writer:RunWriter", "append_step"),
+    ("store rows and commits", "inrun.store.writer:RunWriter", "flush"),
+    ("store close (compression)", "inrun.store.writer:RunWriter", "close"),
+]
+
+
+class PhaseTimers:
+    """CPU seconds per label of :data:`PHASES`, each exclusive of the timed calls made inside it."""
+
+    def __init__(self):
+        self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # CPU and wall time spent in timed callees, per active timed call
+        self._saved: list = []
+
+    def __enter__(self) -> "PhaseTimers":
+        for label, where, name in PHASES:
+            module, _, cls_name = where.partition(":")
+            owner = importlib.import_module(module)
+            owner = getattr(owner, cls_name) if cls_name else owner
+            original = owner.__dict__.get(name) if cls_name else getattr(owner, name, None)
+            if original is None:
+                warnings.warn(f"bench_inrun --phases: {where}.{name} not found; '{label}' is not measured")
+                continue
+            self._saved.append((owner, name, original))
+            wrapped = self._wrap(label, original.__func__ if isinstance(original, staticmethod) else original)
+            setattr(owner, name, staticmethod(wrapped) if isinstance(original, staticmethod) else wrapped)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved = []
+
+    def _wrap(self, label: str, original):
+        timers = self
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            timers._stack.append([0.0, 0.0])
+            began, wall_began = time.process_time(), time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent, wall_spent = time.process_time() - began, time.perf_counter() - wall_began
+                inner, wall_inner = timers._stack.pop()
+                timers.cpu[label] = timers.cpu.get(label, 0.0) + spent - inner
+                timers.wall[label] = timers.wall.get(label, 0.0) + wall_spent - wall_inner
+                if timers._stack:
+                    timers._stack[-1][0] += spent
+                    timers._stack[-1][1] += wall_spent
+
+        return timed
+
+
+def phases(args: argparse.Namespace, shape: GPTShape, data: Dataset, val: dict, base: dict) -> dict:
+    """One more fit per inrun configuration under :class:`PhaseTimers`: CPU and wall ms per step, and the CPU share
+    of a plain step (``base``: the plain fit's measurement)."""
+    found = {}
+    base_cpu, base_wall = base["cpu_seconds"], base["seconds"]
+    other = "other (training-pass hooks, callback glue, shifts, Python)"
+    with tempfile.TemporaryDirectory() as folder:
+        for name, options in configurations(args).items():
+            if options is None:
+                continue
+            with PhaseTimers() as timers:
+                began, wall_began = time.process_time(), time.perf_counter()
+                fit_once(args, shape, data, val, options, Path(folder))
+                total, wall = time.process_time() - began, time.perf_counter() - wall_began
+            cpu = dict(timers.cpu, **{other: total - base_cpu - sum(timers.cpu.values())})
+            walls = dict(timers.wall, **{other: wall - base_wall - sum(timers.wall.values())})
+            print(f"{name}: fit {total:.2f} s CPU ({total / base_cpu:.2f}x plain), {wall:.2f} s wall "
+                  f"({wall / base_wall:.2f}x); per optimizer step:")
+            print(render_table(["phase", "CPU ms / step", "CPU share of a plain step", "wall ms / step"],
+                               [[label, f"{1e3 * cpu[label] / args.steps:.1f}", f"{100 * cpu[label] / base_cpu:.1f}%",
+                                 f"{1e3 * walls[label] / args.steps:.1f}"]
+                                for label in sorted(cpu, key=lambda label: -cpu[label])]), flush=True)
+            found[name] = {"fit_cpu_s": total, "fit_wall_s": wall, "plain_cpu_s": base_cpu, "plain_wall_s": base_wall,
+                           "phases_cpu_s": cpu, "phases_wall_s": walls}
+    return found
+
+
 def configurations(args: argparse.Namespace) -> dict[str, dict | None]:
     """The configurations to time: each value configuration once per Adam value variant under AdamW."""
     found: dict[str, dict | None] = {}
@@ -93,7 +200,9 @@ def fit_once(args: argparse.Namespace, shape: GPTShape, data: Dataset, val: dict
     module = GPTModule(shape, lr=1e-4, optimizer=args.optimizer)
     callbacks = []
     if options is not None:
-        callbacks.append(InRunCallback(path or folder / "run.h5", val_data=val, overwrite=True, **options))
+        # embeddings only (shapley=None) records without validation data, as it would be used: no validation pass
+        given = val if options.get("shapley", "first") is not None else None
+        callbacks.append(InRunCallback(path or folder / "run.h5", val_data=given, overwrite=True, **options))
     trainer = L.Trainer(
         max_steps=args.steps, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
         precision="bf16-mixed" if args.dtype == "bf16" else "32-true", logger=False, enable_checkpointing=False,
@@ -122,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch CPU thread counts, one table each (1 gives steadier CPU times)")
     parser.add_argument("--adam-values", nargs="+", default=["block", "fixed-state"], choices=list(ADAM_VALUES),
                         help="AdamW: the value variants to time (docs/adam-values.md)")
+    parser.add_argument("--phases", action="store_true",
+                        help="then fit each configuration once more with inrun's main pieces of work timed (CPU)")
     parser.add_argument("--fidelity", action="store_true",
                         help="AdamW: the default variant against the exact fixed-state values on this model")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the fits run")
@@ -163,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         payload[key if key != "results" else "results"] = {k: v.as_dict() for k, v in results.items()}
         if key != "results" and threads == args.threads[0]:
             payload["results"] = payload[key]
+    if args.phases:
+        payload["phases"] = phases(args, shape, data, val, payload["results"]["plain"])
     if args.fidelity and args.optimizer == "adamw":
         payload["fidelity"] = fidelity(args, shape, data, val)
     args.out.parent.mkdir(parents=True, exist_ok=True)

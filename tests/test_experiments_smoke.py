@@ -67,6 +67,22 @@ def test_bench_inrun_tiny(tmp_path):
     assert set(results) == expected and all(r["seconds"] > 0 for r in results.values())
 
 
+def test_bench_inrun_phases_tiny(tmp_path):
+    """--phases times inrun's pieces inside a fit: a first-order fit spends time in the products and the validation
+    gradient, and the timers are removed afterwards."""
+    from experiments import bench_inrun
+    from inrun.engine.captured import CapturedBatch
+
+    before = CapturedBatch.fixed_dots_and_norms
+    out = tmp_path / "bench.json"
+    bench_inrun.main(["--steps", "2", "--seq-len", "8", "--batch", "8", "--layers", "1", "--vocab", "64", "--d-model",
+                      "32", "--repeats", "1", "--configs", "plain", "first", "--adam-values", "fixed-state",
+                      "--phases", "--out", str(out)])
+    found = json.loads(out.read_text())["phases"]["first [fixed-state]"]["phases_cpu_s"]
+    assert found["products with D g_V and norms"] > 0 and found["validation gradient(s)"] > 0
+    assert CapturedBatch.fixed_dots_and_norms is before
+
+
 def test_lds_tiny(tmp_path):
     """The LDS benchmark end to end at a tiny size; a second call reads the retrained losses from the cache."""
     from experiments import lds
