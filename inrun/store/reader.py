@@ -152,7 +152,8 @@ class IdIndex:
         positions = np.asarray(positions, dtype=np.int64)
         if self._ids is not None or not positions.size:
             return self.ids[positions]
-        word = np.searchsorted(self._ranks, positions, side="right") - 1  # the word holding each position's bit
+        # the word holding each position's bit (positions in the ranks' dtype: no converted copy of all ranks)
+        word = np.searchsorted(self._ranks, positions.astype(self._ranks.dtype), side="right") - 1
         kth = positions - self._ranks[word]
         bits = np.unpackbits(self._words[word].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
         seen = np.cumsum(bits, axis=1)
