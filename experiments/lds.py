@@ -467,7 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()
                                              if k not in ("peer_list", "peer_dampings")},
-                                    "results": results},
+                                    "results": results,
+                                    "per_test_point": {o: {k: v.points.round(6).tolist() for k, v in r.items()
+                                                           if isinstance(v, Score)} for o, r in results.items()}},
                                    indent=2))
     return results
 
