@@ -146,14 +146,15 @@ def test_one_rank_failing_the_batch_check_stops_every_rank(tmp_path, monkeypatch
 
     def failing_on_rank_0(capture, model, loss_fn, batch, **kwargs):
         if int(batch["index"][0]) < N:  # rank 0's samples at step 0
-            raise ExactnessError("parameter 'made.up' cannot be attributed exactly (test)")
+            raise ExactnessError("parameter '2.weight' cannot be attributed exactly (made to fail here)")
         return original(capture, model, loss_fn, batch, **kwargs)
 
     monkeypatch.setattr(checks, "checked_capture", failing_on_rank_0)
     _, errors, _ = run_ranks(tmp_path)
     assert sorted(errors) == [0, 1]
-    assert "'made.up'" in str(errors[0])
-    assert isinstance(errors[1], ExactnessError) and "failed on 1 other rank(s)" in str(errors[1])
+    assert "made to fail here" in str(errors[0])
+    assert isinstance(errors[1], ExactnessError)
+    assert "failed on 1 other rank(s) of this data-parallel run for parameter '2.weight'" in str(errors[1])
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

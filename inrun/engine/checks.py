@@ -518,19 +518,28 @@ class RecorderChecks:
         return None
 
     def _agree(self, recorder: Any, failure: BaseException | None, step: int) -> BaseException | None:
-        """With several ranks, every rank learns whether any rank's batch check failed, and raises then too."""
+        """With several ranks, every rank learns whether any rank's batch check failed (and the parameter its error
+        names), and raises then too: one sum of [mixing, exactness, other errors, one slot per parameter]."""
         if self.sum_over_ranks is None:
             return failure
+        import re
+
         kinds = (SampleMixingError, ExactnessError)
-        flags = torch.zeros(3, dtype=torch.float64, device=_collective_device(recorder))
+        names = list(recorder.capture.parameters)
+        flags = torch.zeros(3 + len(names), dtype=torch.float64, device=_collective_device(recorder))
         if failure is not None:
             flags[next((k for k, kind in enumerate(kinds) if isinstance(failure, kind)), 2)] = 1.0
+            named = re.match(r"parameter '([^']+)'", str(failure))
+            if named is not None and named.group(1) in names:
+                flags[3 + names.index(named.group(1))] = 1.0
         found = [int(v) for v in self.sum_over_ranks(flags).tolist()]
-        if failure is not None or not any(found):
+        if failure is not None or not any(found[:3]):
             return failure
         kind = next((kinds[k] for k in range(2) if found[k]), InRunError)
-        return kind(f"inrun's self-check at step {step} failed on {sum(found)} other rank(s) of this data-parallel "
-                    "run (this rank's own samples passed); the error raised there names the parameter and the fix")
+        named = [repr(name) for name, count in zip(names, found[3:]) if count]
+        return kind(f"inrun's self-check at step {step} failed on {sum(found[:3])} other rank(s) of this data-parallel "
+                    f"run{' for parameter ' + ', '.join(named) if named else ''} (this rank's own samples passed); "
+                    "the error raised there says why and gives the fix")
 
     def on_step(self, recorder: Any, step: int, captured: list[CapturedBatch], grads: Mapping[str, Tensor]) -> None:
         """The completeness check at the step: ``captured`` is this rank's micro-batches of the step (empty when it
