@@ -625,9 +625,8 @@ class Run:
                 for (order, norm), acc in summed.items():
                     acc.add(positions, normalized(f"value_{order}", norm))
             if phases:
-                row_numbers = steps.numbers[row_steps]
                 for (window, order, by_source, norm), table in tables.items():
-                    table.add(row_numbers, normalized(f"value_{order}", norm),
+                    table.add(table.phases_of(i, steps.numbers)[row_steps], normalized(f"value_{order}", norm),
                               block["source"] if by_source else None)
         return ({spec: _read_only(acc.finish()) for spec, acc in summed.items()},
                 {spec: self._phase_values(table, spec[2], spec[3]) for spec, table in tables.items()})
@@ -794,31 +793,38 @@ class _PhaseSums:
 
     def __init__(self, window: int, n_phases: int):
         self.window = window
+        self._phases: dict[int, np.ndarray] = {}
         self.sources = np.zeros(0, np.int64)
         self.sums, self.counts = np.zeros((0, n_phases)), np.zeros((0, n_phases))
 
-    def add(self, step_numbers: np.ndarray, values: np.ndarray, labels: np.ndarray | None) -> None:
+    def phases_of(self, file: int, step_numbers: np.ndarray) -> np.ndarray:
+        """The phase of each step of a file's steps table (kept per file)."""
+        if file not in self._phases:
+            self._phases[file] = step_numbers // self.window
+        return self._phases[file]
+
+    def add(self, phase: np.ndarray, values: np.ndarray, labels: np.ndarray | None) -> None:
+        """Add ``values`` (NaN: not recorded) of records in phases ``phase`` with source ``labels`` (or None)."""
         recorded = ~np.isnan(values)
         if not recorded.all():
-            step_numbers, values = step_numbers[recorded], values[recorded]
+            phase, values = phase[recorded], values[recorded]
             labels = labels[recorded] if labels is not None else None
         if not values.size:
             return
         n_phases = self.sums.shape[1]
-        key = step_numbers // self.window
         if labels is None:
             self._grow(np.zeros(1, np.int64))
+            key = phase
         else:
-            labels = labels.astype(np.int64, copy=False)
             low, high = int(labels.min()), int(labels.max())
             if high - low < 1 << 16:  # few labels (the usual case): found by counting, mapped by a lookup table
-                offsets = labels - low
+                offsets = labels - labels.dtype.type(low)
                 self._grow(np.flatnonzero(np.bincount(offsets)) + low)
-                row = np.searchsorted(self.sources, np.arange(low, high + 1))[offsets]
+                key = (np.searchsorted(self.sources, np.arange(low, high + 1)) * n_phases)[offsets]
             else:
-                self._grow(np.unique(labels))
-                row = np.searchsorted(self.sources, labels)
-            key += row * n_phases
+                self._grow(np.unique(labels).astype(np.int64))
+                key = np.searchsorted(self.sources, labels) * n_phases
+            key += phase
         np.add.at(self.sums.reshape(-1), key, values)
         self.counts += np.bincount(key, minlength=self.counts.size).reshape(self.counts.shape)
 
