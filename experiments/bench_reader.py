@@ -1,6 +1,8 @@
 """Reading a big run: time and peak memory of every read operation, each in a fresh process.
 
-Stores are built with the library's own ``RunWriter`` (compressed at close, as a training run leaves them): ``rows``
+Stores are built with the library's own ``RunWriter`` (compressed at close, as a training run leaves them, with the
+bitmap of sample ids the compression keeps; ``--compression none``: left uncompressed, and the reader finds the ids
+by a pass over them): ``rows``
 sample occurrences in steps of ``--batch`` records, sample ids drawn uniformly from a space ``--id-space`` times the
 rows (sparse ids: about 95% distinct at 10x), 4 source labels, both value orders. Each operation runs in a new Python
 process that imports only numpy/h5py/inrun's store (no torch) and reports its wall time and its peak resident memory
@@ -42,15 +44,17 @@ ISSUE_TABLE = {  # the issue's figures (seconds, GB) at 10M and 50M rows, for th
 }
 
 
-def build_store(path: Path, rows: int, batch: int, id_space: int, seed: int = 0) -> Path:
-    """A one-rank store of ``rows`` records written step by step with ``RunWriter`` (gzip at close)."""
+def build_store(path: Path, rows: int, batch: int, id_space: int, seed: int = 0,
+                compression: str | None = "gzip") -> Path:
+    """A one-rank store of ``rows`` records written step by step with ``RunWriter`` (``compression`` at close)."""
     from inrun.store.writer import RunWriter
 
     if path.exists():
         return path
     rng = np.random.default_rng(seed)
     tmp = path.with_suffix(".building.h5")
-    with RunWriter(tmp, overwrite=True, flush_every=64, config={"shapley_order": 2, "update_rule": "sgd"}) as w:
+    with RunWriter(tmp, overwrite=True, flush_every=64, config={"shapley_order": 2, "update_rule": "sgd"},
+                   compression=compression) as w:
         w.write_static("sources/names", ["web", "books", "code", "math"])
         done, step = 0, 0
         while done < rows:
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-store-steps", type=int, default=1_000_000, help="0: skip the step_values store")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inrun_bench_reader"))
     parser.add_argument("--operations", nargs="+", default=OPERATIONS, choices=OPERATIONS)
+    parser.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
+                        help="how the stores are compressed at close (none: uncompressed, no stored id bitmap)")
     parser.add_argument("--baseline", action="store_true", help="also run the earlier reader, side by side")
     parser.add_argument("--baseline-commit", default="ba4d8a6")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per operation")
@@ -205,12 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     for rows in args.rows:
         space = int(args.id_space * rows)
         started = time.perf_counter()
-        store = build_store(workdir / f"run_{rows}_{args.batch}_{space}.h5", rows, args.batch, space)
-        print(f"\n== {rows:,} rows, batch {args.batch}, ids from [0, {space:,}), store {store.stat().st_size / 2**20:.0f}"
+        suffix = "" if args.compression == "gzip" else f"_{args.compression}"
+        compression = None if args.compression == "none" else args.compression
+        store = build_store(workdir / f"run_{rows}_{args.batch}_{space}{suffix}.h5", rows, args.batch, space,
+                            compression=compression)
+        print(f"\n== {rows:,} rows, batch {args.batch}, ids from [0, {space:,}), {args.compression}, store "
+              f"{store.stat().st_size / 2**20:.0f}"
               f" MiB (ready in {time.perf_counter() - started:.0f} s)", flush=True)
         header = f"{'operation':<16}{'time':>10}{'CPU':>10}{'peak RSS':>11}{'issue table':>14}"
         if baseline:
             header += f"{'baseline time':>15}{'CPU':>10}{'peak':>10}{'speed-up':>10}{'(CPU)':>9}"
+        header += f"{'load':>7}"  # the 1-minute load average after the operation (the machine may be shared)
         print(header, flush=True)
         results = {}
         for operation in args.operations:
@@ -226,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                 cpu = (f"{other['cpu_seconds'] / mine['cpu_seconds']:.1f}x" if "cpu_seconds" in (other or {}) and
                        "cpu_seconds" in mine else "-")
                 line += f"{fmt(other):>15}{fmt(other, 'cpu_seconds'):>10}{fmt(other, 'peak_bytes'):>10}{ratio:>10}{cpu:>9}"
-            print(line, flush=True)
+            results[operation]["load_average"] = os.getloadavg()[0]
+            print(line + f"{os.getloadavg()[0]:>7.1f}", flush=True)
         figures["rows"][rows] = results
     for line in extrapolate(figures["rows"]):
         print(line, flush=True)
