@@ -13,13 +13,15 @@ collective and compares them with the averaged gradient. Shown here, in one proc
 * a correct model (the tied head through a module call) passes, both checks ran (counted), and its recorded values are
   those of the same run with ``check=False``, bit for bit.
 
-Everything runs in two launches (one process, then two), each worker running all its cases with fresh engines.
+Everything runs in two launches started together (one process; two with torchrun), each worker running all its
+cases with fresh engines.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -202,7 +204,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, world: int) -> list[dict]:
+def start(out: Path, world: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
            "WANDB_MODE": "offline"}
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
@@ -214,19 +216,38 @@ def launch(out: Path, world: int) -> list[dict]:
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *script]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT, env=env, cwd=out)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    # a session of its own: a launch that must be stopped is stopped with its workers (torchrun's children)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def finish(proc: subprocess.Popen, out: Path, world: int) -> list[dict]:
+    try:
+        stdout, stderr = proc.communicate(timeout=WORKER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-8000:]
     return [json.loads((out / f"result.rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """world -> (output folder, each rank's results by case)."""
-    found = {}
-    for world in (1, 2):
-        out = tmp_path_factory.mktemp(f"checks{world}")
-        found[world] = (out, launch(out, world))
-    return found
+    """world -> (output folder, each rank's results by case); the two launches run at the same time (most of each is
+    importing DeepSpeed and Lightning)."""
+    outs = {world: tmp_path_factory.mktemp(f"checks{world}") for world in (1, 2)}
+    procs = {world: start(out, world) for world, out in outs.items()}
+    try:
+        return {world: (outs[world], finish(procs[world], outs[world], world)) for world in (1, 2)}
+    finally:
+        for proc in procs.values():  # one launch failed: the other is not left running
+            stop(proc)
 
 
 def cases(*names_and_worlds):
