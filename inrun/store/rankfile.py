@@ -148,7 +148,11 @@ class RankFile:
     def id_bitmap(self) -> tuple[int, np.ndarray] | None:
         """``(lo, words)``: the bitmap of this file's sample ids that the close-time compression stored, or None
         (a live or uncompressed store, sparse ids, or a bitmap that does not cover exactly the committed rows)."""
-        if self.live or STORED_GROUP not in self.file or STORED_NAME not in self.file[STORED_GROUP]:
+        if self.live:
+            return None
+        if not self.committed_rows:  # no ids at all (the compression stores no bitmap then)
+            return 0, np.zeros(0, np.uint64)
+        if STORED_GROUP not in self.file or STORED_NAME not in self.file[STORED_GROUP]:
             return None
         ds = self.file[STORED_GROUP][STORED_NAME]
         if (int(ds.attrs.get("rows", -1)), int(ds.attrs.get("steps", -1))) != (self.committed_rows,
