@@ -644,3 +644,18 @@ def test_stored_id_bitmap_is_used_only_when_it_covers_the_committed_rows(tmp_pat
     compression.repack(path, None)  # uncompressed (as for a resume): the bitmap is dropped
     with h5py.File(path, "r") as f:
         assert "index" not in f
+
+
+def test_rank_without_records_and_stored_bitmaps_merge(tmp_path):
+    """Rank files' stored bitmaps are merged (rank 1 has no records: an empty bitmap) into the run's ids."""
+    full = make_steps(11, n_steps=6, n_ids=300)
+    empty = [(row, {k: v[:0] for k, v in records.items()}) for row, records in full]
+    for rank, steps in enumerate([full, empty]):
+        write_run(rank_path(tmp_path / "run.h5", rank, 2), steps, run_id="two", rank=rank, world_size=2)
+    with open_run(tmp_path / "run.h5") as run:
+        assert [f.id_bitmap() is not None for f in run._files] == [True, True]
+        expected = np.unique(np.concatenate([r["sample_id"] for _, r in full]))
+        np.testing.assert_array_equal(run.sample_ids, expected)
+        top_ids, top_values = run.top_k(3)
+        sums = {int(i): v for i, v in zip(*run.sample_values())}
+        assert [sums[int(i)] for i in top_ids] == top_values.tolist()
