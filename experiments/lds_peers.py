@@ -289,7 +289,10 @@ PEER_KEYS = [p.key for p in PEERS]
 
 
 def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a package blocked or half-imported (sys.modules[name] = None)
+        return False
 
 
 def select(names: list[str] | None) -> list[Peer]:
