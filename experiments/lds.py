@@ -21,7 +21,10 @@ Peers (``--peers``, default every installed one; ``--peers none`` to skip; ``exp
 TracIn over the same every-step checkpoints, LiSSA and EK-FAC influence functions and DVEmb, and kronfluence EK-FAC,
 all on the very trajectory the main recording saved (nothing retrained). A peer whose package is missing is skipped
 with one line (``scripts/install-peers.sh`` installs both); one that fails is reported and the run goes on. The sign
-is checked by the Pearson correlation of dattri TracIn with inrun's TracInCP values (printed and in the table).
+is checked by the Pearson correlation of dattri TracIn with inrun's TracInCP values (printed and in the table). The
+EK-FAC peers run once per ``--peer-damping`` value. The end of the output names the best inrun method and the best
+peer per optimizer, with the paired standard error of their difference over test points; the output JSON keeps every
+method's per-test-point correlations.
 
 Retraining results are cached under ``--cache`` (default ``~/.cache/inrun-lds``), keyed by every setting that
 changes them, so a second run only records and scores. With ``--step-loo K`` the first-steps question is checked
@@ -29,6 +32,7 @@ directly: for a few steps the real AdamW step is retaken without each sample of 
 the change of the mean test loss is compared with each variant's per-step values (Spearman per step).
 
     .venv/bin/python -m experiments.lds [--optimizers sgd adamw] [--subsets 50] [--step-loo 4] [--peers none]
+        [--peer-damping heuristic 0.01 0.1 1]
 """
 
 from __future__ import annotations
