@@ -251,8 +251,8 @@ def step_zero_share(run, order: int = 1) -> float:
     return float(magnitude[records["step"] == 0].sum() / max(magnitude.sum(), 1e-300))
 
 
-def tracin_cp_values(run, model, test: dict, train: dict) -> np.ndarray:
-    return baselines.tracin_cp(run, model, loss_fn, test, train)
+def tracin_cp_values(run, model, test: dict, train: dict, step_size: str = "update") -> np.ndarray:
+    return baselines.tracin_cp(run, model, loss_fn, test, train, step_size=step_size)
 
 
 # ------------------------------------------------------------------------------------------------------ step LOO
@@ -345,6 +345,9 @@ def evaluate(s: Settings, args: argparse.Namespace, cache: Path, folder: Path) -
             scores["TracIn (final model only)"] = lds_score(baselines.tracin(run, model, loss_fn, test), masks, losses)
             tracin_cp = tracin_cp_values(run, model, test, train)
             scores["TracInCP (every-step checkpoints)"] = lds_score(tracin_cp, masks, losses)
+            if s.optimizer != "sgd":  # with SGD the recorded update scale is the learning rate: the same values
+                scores["TracInCP, learning-rate step sizes"] = lds_score(
+                    tracin_cp_values(run, model, test, train, step_size="lr"), masks, losses)
             gradients = baselines.training_gradients(run, model, loss_fn, train)
             for damping in args.damping:
                 scores[f"LoGra (damping {damping:g})"] = lds_score(

@@ -146,3 +146,35 @@ def test_training_gradients_keep_one_row_per_id_and_need_indices(run_data):
                                                   index_fn=lambda batch: torch.tensor([9, 8, 7]))
         np.testing.assert_array_equal(ids, [7, 8, 9])
         np.testing.assert_allclose(grads, train[:3][::-1], rtol=1e-5, atol=1e-10)
+
+
+def test_tracin_cp_with_learning_rate_step_sizes(tmp_path):
+    """``step_size="lr"``: TracInCP as defined, sum_c (sum of the learning rates of the steps c stands for) / n
+    * <g_test(theta_c), g_i(theta_c)>, one weight for every layer, from torch.func per-sample gradients at each
+    saved checkpoint of an AdamW run (where the recorded update scales differ from the learning rate)."""
+    from inrun.store.paths import find_checkpoints
+    from tests.test_adam_values import N_VAL, STEPS, make_model, record_with_checkpoints
+    from tests.test_adam_values import loss_fn as adam_loss
+
+    model, train, val = record_with_checkpoints(tmp_path / "run.h5", checkpoint_every=2)
+    with inrun.open_run(tmp_path / "run.h5") as run:
+        got = baselines.tracin_cp(run, model, adam_loss, val, train, step_size="lr")
+        by_update = baselines.tracin_cp(run, model, adam_loss, val, train)
+        checkpoints = find_checkpoints(run)
+        lrs = np.asarray(run.steps["lr"], np.float64)
+        with pytest.raises(inrun.errors.InvalidArgumentError, match="step_size='adam'"):
+            baselines.tracin_cp(run, model, adam_loss, val, train, step_size="adam")
+    n = len(train["y"])
+    expected = np.zeros((n, N_VAL))
+    starts = [s for s in sorted(checkpoints) if s < STEPS]
+    for position, start in enumerate(starts):
+        end = starts[position + 1] if position + 1 < len(starts) else STEPS
+        probe = make_model()
+        probe.load_state_dict(torch.load(checkpoints[start], weights_only=True)["state_dict"])
+        g_train = per_sample_grads(probe, adam_loss, {"x": train["x"], "y": train["y"]})
+        g_test = per_sample_grads(probe, adam_loss, val)
+        weight = lrs[start:end].sum() / n
+        for name in g_train:
+            expected += weight * (g_train[name].reshape(n, -1) @ g_test[name].reshape(N_VAL, -1).T).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    assert not np.allclose(by_update, expected, rtol=0, atol=1e-3 * np.abs(expected).max())  # Adam: they differ

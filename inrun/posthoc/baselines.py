@@ -37,6 +37,7 @@ from inrun.engine.capture import GradientCapture
 from inrun.engine.captured import LossFn
 from inrun.engine.products import capture_batch
 from inrun.engine.projection import BlockLayout, Projector
+from inrun.errors import InvalidArgumentError
 from inrun.posthoc.record import (
     EmbeddingsError,
     RunRecord,
@@ -168,12 +169,14 @@ def tracin(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, *,
 
 def tracin_cp(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, train_data: Any, *,
               checkpoints: "dict[int, Any] | str | None" = None, index_key: str = "index",
-              index_fn: Callable[[Any], Tensor] | None = None) -> np.ndarray:
+              index_fn: Callable[[Any], Tensor] | None = None, step_size: str = "update") -> np.ndarray:
     """TracInCP over the run's model checkpoints (``checkpoint_every`` at recording time), as helpfulness.
 
     Each checkpoint ``c`` (the model at the start of step ``s_c``) stands for the steps up to the next one; its
-    weight per layer block is the sum of the recorded update scales of those steps over the number of training
-    samples. The training samples' gradients are recomputed at every checkpoint from ``train_data`` (batches carrying
+    weight per layer block is the sum of the step sizes of those steps over the number of training samples.
+    ``step_size="update"`` (default) takes the recorded update scales (for Adam the per-tensor step size the update
+    took, as the block values do; for SGD the learning rate); ``step_size="lr"`` takes the optimizer's learning rate,
+    as TracInCP is defined (Pruthi et al. 2020) and as dattri's TracIn weights checkpoints. With SGD both are equal. The training samples' gradients are recomputed at every checkpoint from ``train_data`` (batches carrying
     their dataset indices). ``[n_ids, n_test]`` in ``run.sample_ids`` order (NaN for samples not in ``train_data``).
     ``model`` is restored to its own parameters afterwards.
     """
@@ -182,6 +185,9 @@ def tracin_cp(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, trai
     from inrun.posthoc.values import _load_state
     from inrun.store.paths import find_checkpoints
 
+    if step_size not in ("update", "lr"):
+        raise InvalidArgumentError(f"tracin_cp(step_size={step_size!r}): expected 'update' (the recorded update "
+                                   "scales) or 'lr' (the optimizer's learning rate, TracInCP's definition)")
     found = ({int(k): Path(v) for k, v in checkpoints.items()} if isinstance(checkpoints, dict)
              else find_checkpoints(run, checkpoints))
     if not found:
@@ -193,6 +199,11 @@ def tracin_cp(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, trai
         step_numbers, scales = record.step_numbers, record.scales
     finally:
         record.close()
+    if step_size == "lr":
+        # the steps the recording valued (a skipped step's scales are NaN, read as 0 above): the same steps as "update"
+        valued = np.any(scales != 0, axis=1, keepdims=True)
+        lrs = np.nan_to_num(np.asarray(run.steps["lr"], np.float64), nan=0.0)[:, None]
+        scales = np.where(valued, np.broadcast_to(lrs, scales.shape), 0.0)
     starts = sorted(found)
     original = {name: t.detach().clone() for name, t in model.state_dict().items()}
     total, ids = None, None
