@@ -33,8 +33,8 @@ Methods, from runs of the full training set recorded with ``InRunRecorder`` (the
   library default, and ``fixed-state``, the exact fixed-state rule);
 * unless ``--no-posthoc``: post-hoc In-Run Shapley and trajectory LOO (data value embeddings) from checkpoints at
   every step, TracIn (final model) and TracInCP (every ``--cp-every``-th (8) checkpoint: the training gradients
-  are recomputed at each), all from Kronecker projections of ``--k`` x ``--k`` per layer (16: not whole for the
-  wider layers, so these are estimates).
+  are recomputed at each; for AdamW also weighted by the learning rate, ``step_size="lr"``), all from Kronecker
+  projections of ``--k`` x ``--k`` per layer (16: not whole for the wider layers, so these are estimates).
 
     .venv/bin/python -m experiments.lds_lm [--optimizers sgd adamw] [--subsets 50] [--no-posthoc]
 
@@ -236,8 +236,12 @@ def evaluate(s: Settings, args: argparse.Namespace, cache: Path, folder: Path) -
                     baselines.tracin(run, model, loss_fn, test), masks, losses)
                 found = find_checkpoints(run)
                 kept = {step: file for step, file in found.items() if step % args.cp_every == 0}
-                scores[f"TracInCP ({len(kept)} checkpoints, every {args.cp_every} steps, {args.k}x{args.k})"] = lds(
-                    baselines.tracin_cp(run, model, loss_fn, test, train, checkpoints=kept), masks, losses)
+                label_cp = f"TracInCP ({len(kept)} checkpoints, every {args.cp_every} steps, {args.k}x{args.k})"
+                scores[label_cp] = lds(baselines.tracin_cp(run, model, loss_fn, test, train, checkpoints=kept),
+                                       masks, losses)
+                if s.optimizer != "sgd":  # with SGD the recorded update scale is the learning rate: the same sum
+                    scores[f"{label_cp}, learning-rate step sizes"] = lds(baselines.tracin_cp(
+                        run, model, loss_fn, test, train, checkpoints=kept, step_size="lr"), masks, losses)
                 print(f"[{s.optimizer}] post-hoc methods: {time.perf_counter() - start:.1f} s", flush=True)
     if len(variants) > 1:
         for order in (1, 2):
