@@ -414,6 +414,71 @@ def test_failed_write_keeps_the_committed_part_readable(tmp_path, monkeypatch, f
     assert_tables(path, range(6))
 
 
+# ------------------------------------------------------------------------- commits write the buffered parts unjoined
+
+
+@pytest.mark.parametrize("join_below", [0, 1 << 20])
+@pytest.mark.parametrize("flush_every", [1, 3, 100])
+def test_parts_written_one_by_one_round_trip(tmp_path, monkeypatch, join_below, flush_every):
+    """Every buffered part written into its own slice (join_below=0), empty steps among them, or joined."""
+    monkeypatch.setattr(writer, "JOIN_BELOW_BYTES", join_below)
+    path = tmp_path / "run.h5"
+    with new_writer(path, flush_every=flush_every) as w:
+        write_steps(w, range(11))
+    assert_tables(path, range(11))
+
+
+def test_large_columns_reach_hdf5_without_a_copy(tmp_path, monkeypatch):
+    """The arrays given to append_step are what h5py writes from: no joined copy of the buffered rows."""
+    given_arrays, written = [], []
+    real_setitem = h5py.Dataset.__setitem__
+
+    def spy(dataset, key, value):
+        if dataset.name == "/records/big":
+            written.append(value)
+        return real_setitem(dataset, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", spy)
+    big = 1 + writer.JOIN_BELOW_BYTES // (4 * 4 * 4)  # 4 steps of 4 float32 rows exceed the join threshold
+    with new_writer(tmp_path / "run.h5", flush_every=4, compression=None, record_columns=DEFAULT_RECORD_COLUMNS | {
+            "big": (np.float32, (big,))}) as w:
+        for t in range(4):
+            given_arrays.append(np.full((4, big), t, np.float32))
+            w.append_step({}, {"sample_id": np.arange(4) + 4 * t, "big": given_arrays[-1]})
+    assert len(written) == 4 and all(np.shares_memory(a, b) for a, b in zip(written, given_arrays))
+    with RankFile(tmp_path / "run.h5") as f:
+        np.testing.assert_array_equal(f.record_column("big"), np.concatenate(given_arrays))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5])
+def test_write_error_between_parts_commits_nothing_of_the_block(tmp_path, monkeypatch, fail_at):
+    """A write that fails after some parts of a block reached the file: no commit, the earlier blocks whole."""
+    monkeypatch.setattr(writer, "JOIN_BELOW_BYTES", 0)
+    path = tmp_path / "run.h5"
+    real_setitem = h5py.Dataset.__setitem__
+    calls = {"armed": False, "n": 0}
+
+    def failing(dataset, key, value):
+        if calls["armed"]:
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise OSError(28, "No space left on device")
+        return real_setitem(dataset, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", failing)
+    w = new_writer(path, flush_every=3)
+    write_steps(w, range(5))  # steps 0-2 committed, 3-4 buffered
+    calls["armed"] = True
+    with pytest.raises(StoreIOError, match="No space left.*3 steps committed before stay whole"):
+        w.append_step(*step_data(5))
+    w.close()
+    calls["armed"] = False
+    assert_tables(path, range(3))
+    with new_writer(path, resume=True) as w:
+        write_steps(w, range(3, 6))
+    assert_tables(path, range(6))
+
+
 # ---------------------------------------------------------------------------------------------- compression on close
 
 

@@ -82,20 +82,35 @@ class _Buffer:
             self.nbytes += array.nbytes
         self.rows += rows
 
-    def take(self) -> dict[str, np.ndarray]:
-        """Everything buffered, one array per column; empties the buffer."""
-        block = {
-            name: np.concatenate(parts) if parts else np.empty((0, *col.shape), col.dtype)
-            for (name, parts), col in zip(self.parts.items(), self.columns.values())
-        }
+    def take(self) -> dict[str, list[np.ndarray]]:
+        """Everything buffered, as the list of parts each column was given in (no join); empties the buffer."""
+        parts = self.parts
         self.clear()
-        return block
+        return parts
 
 
-def _write_rows(dataset: h5py.Dataset, start: int, rows: np.ndarray) -> None:
-    """Grow ``dataset`` and write ``rows`` at ``start``. The one place data reaches the file (tests patch it)."""
-    dataset.resize(start + len(rows), axis=0)
-    dataset[start : start + len(rows)] = rows
+#: a column whose buffered parts hold at most this many bytes is joined and written in one call (a small copy costs
+#: less than h5py's per-call overhead); larger ones are written part by part into their slices, never copied
+JOIN_BELOW_BYTES = 1 << 20
+
+
+def _write_rows(dataset: h5py.Dataset, start: int, parts: list[np.ndarray]) -> None:
+    """Grow ``dataset`` once and write the buffered ``parts`` one after another from row ``start``. The one place
+    data reaches the file (tests patch it).
+
+    Large columns (projected gradients) are written straight from the arrays ``append_step`` was given into their
+    slices of the dataset: joining them first would copy every buffered byte once more (tens of MB per commit with
+    embeddings) and touch as much fresh memory."""
+    n = sum(len(part) for part in parts)
+    if n == 0:
+        return
+    dataset.resize(start + n, axis=0)
+    if len(parts) > 1 and sum(part.nbytes for part in parts) <= JOIN_BELOW_BYTES:
+        parts = [np.concatenate(parts)]
+    for part in parts:
+        if len(part):
+            dataset[start : start + len(part)] = part
+            start += len(part)
 
 
 class RunWriter:
@@ -397,10 +412,10 @@ class RunWriter:
             with SwallowedErrors() as swallowed:
                 reserve(self._file, chunked_bytes(self._records.values(), rows_before, n_rows)
                         + chunked_bytes(self._steps.values(), steps_before, n_steps))
-                for name, rows in records.items():
-                    _write_rows(self._records[name], rows_before, rows)
-                for name, rows in steps.items():
-                    _write_rows(self._steps[name], steps_before, rows)
+                for name, parts in records.items():
+                    _write_rows(self._records[name], rows_before, parts)
+                for name, parts in steps.items():
+                    _write_rows(self._steps[name], steps_before, parts)
                 fault_point("write")
                 sync(self._file)  # the rows are on disk ...
                 swallowed.check()
