@@ -38,8 +38,9 @@ Methods, from runs of the full training set recorded with ``InRunRecorder`` (the
 
     .venv/bin/python -m experiments.lds_lm [--optimizers sgd adamw] [--subsets 50] [--no-posthoc]
 
-With the defaults about 5 minutes of CPU time on one thread, retraining included (measured: 5.0 min user, 9.4 min
-wall on a shared, loaded 2-core machine); the retraining, about a third of it, is cached for later runs. 50 subsets
+With the defaults about 4.5 minutes of CPU time on one thread, retraining included (measured from an empty cache:
+4.5 min user, 4.9 min wall on a shared 2-core machine at a load of 2.5); the retraining, about a third of it, is
+cached for later runs. 50 subsets
 cost 0.7 CPU minutes more than 20, and 20 were too few: with 20 the SGD column's order of methods changed (recorded
 values .19 against TracIn's .28; with 50, .30 against .21). A paired bootstrap over subsets (5% and 95% quantiles)
 of the difference between the first two Adam value rules is printed with the table.
