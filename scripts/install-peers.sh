@@ -18,22 +18,25 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # kronfluence declares torchvision, which it never imports; the torchvision wheel pip would pick is a CUDA build
 # that fails to import next to the CPU torch (and with it `import lightning`), so kronfluence comes without its deps
 "${pip[@]}" install -c "$constraint" --no-deps "kronfluence>=1.0,<1.1"
-# kronfluence 1.0.1's wheel also ships its own test suite as a top-level `tests` package, which would shadow this
-# repository's tests/ (a regular package wins over a namespace one): remove exactly the files its RECORD lists there
+# the peers' wheels also ship their own repositories' top-level folders as packages (kronfluence: tests, experiments;
+# dattri: experiments, test, docs, examples); `tests` and `experiments` would shadow or collide with this repository's
+# own, so remove exactly the files their RECORDs list under those names
 "$venv/bin/python" - <<'PY'
 from importlib.metadata import distribution
 from pathlib import Path
 
-dist = distribution("kronfluence")
-removed = 0
-for item in dist.files or []:
-    if item.parts and item.parts[0] == "tests":
-        path = Path(dist.locate_file(item))
-        if path.is_file():
-            path.unlink()
-            removed += 1
-if removed:
-    print(f"[inrun] removed kronfluence's top-level tests package ({removed} files) so it cannot shadow tests/")
+STRAY = {"tests", "test", "experiments", "docs", "examples"}
+for name in ("dattri", "kronfluence"):
+    dist = distribution(name)
+    removed = 0
+    for item in dist.files or []:
+        if len(item.parts) > 1 and item.parts[0] in STRAY:
+            path = Path(dist.locate_file(item))
+            if path.is_file():
+                path.unlink()
+                removed += 1
+    if removed:
+        print(f"[inrun] removed {removed} files of {name}'s top-level {sorted(STRAY)} folders (not part of the library)")
 PY
 if "$venv/bin/python" -c "import torchvision" 2>/dev/null; then :; elif "$venv/bin/python" -m pip show -q torchvision >/dev/null 2>&1; then
     echo "[inrun] torchvision is installed but does not import next to this torch: uninstalling it" >&2
