@@ -147,8 +147,15 @@ def probe_independence(model: nn.Module, loss_fn: LossFn, batch: Any, n: int | N
         after = loss_fn(model, changed)
     if not isinstance(before, Tensor) or not isinstance(after, Tensor):
         return None
-    before, after = before.detach(), after.detach()
-    if not isinstance(before, Tensor) or before.shape != (n,) or after.shape != (n,):
+    return _mixing_reason(model, before.detach(), after.detach(), n)
+
+
+def _mixing_reason(model: nn.Module, before: Any, after: Any, n: int) -> str | None:
+    """Why the samples are coupled, from the losses of the batch (``before``) and of the batch with sample 0
+    changed (``after``, same random state); None when no other sample's loss moved."""
+    if not isinstance(before, Tensor) or not isinstance(after, Tensor):
+        return None
+    if before.shape != (n,) or after.shape != (n,):
         return None  # the loss function's own checks report a wrong shape
     if not (bool(torch.isfinite(before).all()) and bool(torch.isfinite(after).all())):
         return None  # non-finite losses have their own error
@@ -307,13 +314,14 @@ def check_samples(
         norms = parameter_squared_norms(local, memory_budget=captured.memory_budget)[0].double().cpu()
         direction = batch_grads[name].detach().reshape(1, *captured.shapes[name])
         dots = parameter_fixed_dots(local, direction.to(_dtype_of(uses[0]))).double()[:, 0].cpu()
-        flat_batch = batch_grads[name].detach().double().reshape(-1)
-        ref_norms, ref_dots = [], []
-        for k in range(len(samples)):
-            g = sample_grads[k].get(name)
-            g = torch.zeros_like(flat_batch) if g is None else g.detach().double().reshape(-1).to(flat_batch.device)
-            ref_norms.append(float(g.pow(2).sum()))
-            ref_dots.append(float((g * flat_batch).sum()))
+        # the reference's norms and inner products in the gradients' own precision (float32 sums of squares and
+        # products err by ~1e-6 relative, far inside the float32 tolerance; float64 stays float64)
+        flat_batch = batch_grads[name].detach().reshape(-1)
+        rows_k = [sample_grads[k].get(name) for k in range(len(samples))]
+        stacked = torch.stack([torch.zeros_like(flat_batch) if g is None else
+                               g.detach().reshape(-1).to(flat_batch) for g in rows_k])
+        ref_norms = stacked.pow(2).sum(1).double().tolist()
+        ref_dots = (stacked @ flat_batch).double().tolist()
         dtype = _precision(batch_grads[name], _reference(uses[0]),
                            *(() if captured.precision is None else (torch.empty(0, dtype=captured.precision),)))
         rows.append((name, norms, dots, ref_norms, ref_dots, tolerance(dtype, device=batch_grads[name].device),
@@ -371,28 +379,191 @@ def spot_samples(n: int, count: int = 2) -> list[int]:
 
 
 # -- one checked batch -----------------------------------------------------------------------------------------------
+def _rng_states(devices: list[torch.device]) -> list[Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+
+
+def _restore_rng(devices: list[torch.device], states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    for device, state in zip(devices, states[1:]):
+        torch.cuda.set_rng_state(state, device)
+
+
+def _restore_buffers(model: nn.Module, saved: Mapping[str, Tensor]) -> None:
+    """Copy back the buffers that changed (only those: a buffer saved for a backward still to run, such as
+    position ids, keeps its version)."""
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            found = saved.get(name)
+            if found is not None and found.shape == b.shape and not torch.equal(found, b):
+                b.copy_(found)
+
+
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {name: b.detach().clone() for name, b in model.named_buffers()}
+
+
+def _mixing_after(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, n: int, before: Tensor,
+                  devices: list[torch.device], rng: list[Tensor], buffers: Mapping[str, Tensor]) -> str | None:
+    """The independence probe with the captured forward's losses as the unchanged run: one more forward, of the
+    changed batch, from the random state and buffers that forward started from (capture off: nothing recorded),
+    with gradients enabled as that forward was (same code paths: no inference-only fast path)."""
+    source = _differing_sample(batch, n)
+    if source is None:
+        return None
+    changed = _replace_sample(batch, n, 0, source)
+    _restore_buffers(model, buffers)
+    _restore_rng(devices, rng)
+    enabled, capture.enabled = capture.enabled, False
+    try:
+        after = loss_fn(model, changed)
+    finally:
+        capture.enabled = enabled
+    return _mixing_reason(model, before, after.detach() if isinstance(after, Tensor) else after, n)
+
+
+def _alone_gradients(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, n: int,
+                     samples: list[int], checked: list[Tensor], losses: Tensor) -> list | None:
+    """Autograd's gradients of each spot-checked sample run ALONE (a batch of one: a forward and a backward of one
+    sample each instead of a backward of the whole batch per sample). Only valid when the batch's forward drew no
+    random numbers (checked by the caller) and each sample alone has the loss it has in the batch (checked here);
+    None otherwise, and the caller differentiates the batch's own losses instead."""
+    tol = tolerance(losses.dtype, MIXING_TOLERANCE)
+    found = []
+    enabled, capture.enabled = capture.enabled, False
+    devices = _SameRandomness(model).devices
+    rng = _rng_states(devices)
+    # the samples run on copies of the buffers: the originals may be saved for the batch's backward still to come
+    # (BatchNorm's running statistics), where an in-place restore would invalidate the graph
+    originals = _swap_buffers(model)
+    try:
+        for i in samples:
+            one = loss_fn(model, slice_batch(batch, n, i))
+            if not isinstance(one, Tensor) or one.shape != (1,) or not one.requires_grad:
+                return None
+            expected = losses[i].detach()
+            if float((one.detach()[0] - expected).abs()) > tol * float(expected.abs().clamp_min(1e-30)):
+                return None  # the sample alone is not the sample in the batch: compare in the batch
+            found.append(torch.autograd.grad(one[0], checked, allow_unused=True))
+    except Exception:  # noqa: BLE001 - a model that cannot run one sample alone: the batch's own backwards
+        return None
+    finally:
+        capture.enabled = enabled
+        _put_back_buffers(originals)
+        _restore_rng(devices, rng)
+    return found
+
+
+def _swap_buffers(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """Give every module copies of its buffers (one copy per shared buffer); the originals, to put back."""
+    copies: dict[int, Tensor] = {}
+    originals = []
+    for module in model.modules():
+        for name, b in list(module._buffers.items()):
+            if b is None:
+                continue
+            originals.append((module, name, b))
+            module._buffers[name] = copies.setdefault(id(b), b.detach().clone())
+    return originals
+
+
+def _put_back_buffers(originals: list[tuple[nn.Module, str, Tensor]]) -> None:
+    for module, name, b in originals:
+        module._buffers[name] = b
+
+
 def checked_capture(
-    capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, *, spot: int = 2, independence: bool = True
+    capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, *, spot: int = 2, independence: bool = True,
+    completeness: bool = True,
 ) -> CapturedBatch:
     """Like :func:`~inrun.engine.products.capture_batch`, and check the result: sample independence, completeness
-    against one backward to the parameters, and the spot check of ``spot`` samples. Raises on any failure."""
-    from inrun.engine.products import _run_captured_forward, infer_batch_size
+    against autograd's batch gradient (from the same backward), and the spot check of ``spot`` samples. Raises on
+    any failure. ``completeness=False`` leaves the sum check to the caller (the recorder compares at the step with
+    the optimizer's gradients); a spot-check failure still runs it first, so that the error names the right cause.
 
-    probe_shapes(capture, model, loss_fn, batch, infer_batch_size(batch))
+    Cost: a one-sample shape probe, one forward and backward (the capture's, also to the parameters), one forward of
+    the batch with sample 0 changed (the unchanged run is the captured forward, replayed from its random state), and
+    per spot-checked sample a forward and backward of that sample alone -- or, when the forward draws random numbers
+    (dropout) or a sample alone has another loss than in the batch, a backward of the whole batch per sample.
+    """
+    from inrun.engine.products import _backward_keeping_grads, infer_batch_size, per_sample_losses
+
+    n = infer_batch_size(batch)
+    probe_shapes(capture, model, loss_fn, batch, n)
     params = dict(capture.parameters)
-    names = list(params)
-    captured, batch_grads, sample_grads, samples = _run_captured_forward(
-        capture, model, loss_fn, batch, check_params=params, spot=spot
-    )  # first, so that a loss of the wrong shape or a non-finite one gets its own error
+    names, checked = list(params), list(params.values())
+    devices = _SameRandomness(model).devices
+    rng_before = _rng_states(devices)
+    buffers_before = _buffers(model) if independence else {}
+    capture.discard()
+    capture.batch_size = n
+    capture.keep_outputs = True
+    try:
+        losses = per_sample_losses(model, loss_fn, batch)  # first: a wrong shape or a non-finite loss has its own error
+    finally:
+        capture.keep_outputs = False
+    rng_after = _rng_states(devices)
+    outputs = capture.take_outputs()
+    # differentiate down to the hooked outputs (fires every hook) and to the parameters (the batch gradient)
+    targets = outputs if outputs is not None else checked
+    samples = spot_samples(losses.shape[0], spot) if spot else []
+    batch_grads = None
+    if targets or checked:
+        try:
+            batch_grads = torch.autograd.grad(losses.sum(), targets + checked, allow_unused=True,
+                                              retain_graph=bool(samples))[len(targets):]
+        except RuntimeError as error:
+            if "reentrant" not in str(error).lower() and ".grad()" not in str(error):
+                raise
+            # reentrant activation checkpointing refuses autograd.grad: a real backward, param.grad restored
+            capture.discard()
+            capture.batch_size = n
+            losses = per_sample_losses(model, loss_fn, batch)
+            _backward_keeping_grads(losses.sum(), checked)
+            rng_after = None  # two forwards ran: the independence probe runs on its own
+    captured = capture.collect(num_samples=losses.shape[0])
+    captured.losses = losses.detach()
+    sample_grads = None
+    if samples and batch_grads is not None:  # before the probe below runs the model again
+        random = rng_after is None or any(not torch.equal(a, b) for a, b in zip(rng_before, rng_after))
+        exact_types = (None, torch.float32, torch.float64)  # half precision rounds a batch of one differently
+        if not random and captured.precision in exact_types and losses.dtype in exact_types:
+            sample_grads = _alone_gradients(capture, model, loss_fn, batch, captured.n, samples, checked, losses)
+        if sample_grads is None:  # the same forward (same dropout masks): one backward of the batch per sample
+            try:
+                sample_grads = [torch.autograd.grad(losses[i], checked, allow_unused=True,
+                                                    retain_graph=k + 1 < len(samples))
+                                for k, i in enumerate(samples)]
+            finally:
+                capture.discard()  # the single-sample backwards fired the hooks again
+    del losses  # frees the graph kept for the spot check
     if independence:
-        require_independence(model, loss_fn, batch, captured.n)
-    if batch_grads is not None:
-        grads = {k: g for k, g in zip(names, batch_grads) if g is not None}
-        grads.update({k: torch.zeros_like(params[k]) for k, g in zip(names, batch_grads) if g is None})
+        if rng_after is None:
+            require_independence(model, loss_fn, batch, captured.n)
+        elif captured.n >= 2:
+            buffers_after = _buffers(model)
+            try:
+                reason = _mixing_after(capture, model, loss_fn, batch, captured.n, captured.losses, devices,
+                                       rng_before, buffers_before)
+            finally:
+                _restore_buffers(model, buffers_after)
+                _restore_rng(devices, rng_after)  # as after an unchecked capture: the forward's draws, no more
+            if reason is not None:
+                raise SampleMixingError("inrun refuses this model whatever allow_unsupported says: " + reason)
+    if batch_grads is None:
+        return captured
+    grads = {k: g for k, g in zip(names, batch_grads) if g is not None}
+    grads.update({k: torch.zeros_like(params[k]) for k, g in zip(names, batch_grads) if g is None})
+    if completeness:
         check_completeness(capture, captured, grads)
-        if samples:
-            per_sample = [{k: g for k, g in zip(names, row) if g is not None} for row in sample_grads]
+    if sample_grads is not None:
+        per_sample = [{k: g for k, g in zip(names, row) if g is not None} for row in sample_grads]
+        try:
             check_samples(capture, captured, samples, per_sample, grads)
+        except ExactnessError:
+            if not completeness:
+                check_completeness(capture, captured, grads)  # missing gradient, not misplaced: say so
+            raise
     return captured
 
 
@@ -445,11 +616,15 @@ class RecorderChecks:
         self.full_parameters: Callable[[], ContextManager[Any]] | None = None
         #: set by an integration with several data-parallel ranks: the sum of a tensor over the ranks (collective)
         self.sum_over_ranks: Callable[[Tensor], Tensor] | None = None
+        #: the step whose batch check left completeness to the step check (single process: the step compares the
+        #: same sums with the optimizer's own gradients); a step check that cannot run then re-checks the next batch
+        self.deferred_step: int | None = None
+        self._redo = False
 
     def due(self, step: int) -> bool:
         if not self.enabled:
             return False
-        if self.first_step is None:
+        if self.first_step is None or self._redo:
             return True
         return step == self.first_step or (self.every is not None and step % self.every == 0)
 
@@ -485,11 +660,17 @@ class RecorderChecks:
             self.first_step = step
         start = time.perf_counter()
         failure: BaseException | None = None
+        # a single process with full parameters compares the step's captured sums with the gradients handed to the
+        # optimizer: the batch's own sum check would repeat it (one more product per layer), so it is left to the step
+        defer = (not self._redo and self.sum_over_ranks is None and self.full_parameters is None
+                 and getattr(recorder, "world_size", 1) == 1)
+        self._redo = False
         try:
             with self._context():
                 if size != 0:
-                    failure = self._batch_check(capture, recorder.model, loss_fn, batch)
+                    failure = self._batch_check(capture, recorder.model, loss_fn, batch, completeness=not defer)
                     self.runs["batch"] += 1
+                    self.deferred_step = step if defer else None
         finally:
             capture.discard()
             capture.batch_size = size  # a new micro-batch for the real forward
@@ -501,11 +682,12 @@ class RecorderChecks:
             raise failure
 
     @staticmethod
-    def _batch_check(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any) -> BaseException | None:
+    def _batch_check(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, *,
+                     completeness: bool = True) -> BaseException | None:
         """Run :func:`checked_capture`; the error to raise, or None (a loss function that cannot take the training
         batch, or an unexpected failure of the check itself, only warns: the check never breaks a working run)."""
         try:
-            checked_capture(capture, model, loss_fn, batch)
+            checked_capture(capture, model, loss_fn, batch, completeness=completeness)
         except (ExactnessError, SampleMixingError) as error:
             return error
         except InRunError as error:
@@ -551,15 +733,19 @@ class RecorderChecks:
             return
         if self.first_step is None:
             self.first_step = step
+        deferred, self.deferred_step = self.deferred_step == step, None
         start = time.perf_counter()
         try:
             if self.sum_over_ranks is not None:
                 self._step_over_ranks(recorder, captured, grads)
                 return
             if getattr(recorder, "world_size", 1) != 1 or not captured:
+                self._redo = deferred  # the batch left its sum check to this step, which cannot run: next batch
                 return  # several ranks without a collective: the gradients are averaged over contributions unseen
             shapes = captured[0].shapes
             usable = {k: g for k, g in grads.items() if k in shapes and tuple(g.shape) == tuple(shapes[k])}
+            # a parameter the step cannot compare (no gradient of its shape) gets its sum check at the next batch
+            self._redo = deferred and any(k not in usable for k in recorder.capture.parameters)
             self.runs["step"] += 1
             check_completeness(recorder.capture, captured, usable)
         finally:
