@@ -14,12 +14,20 @@ frees the old place, which it may reuse at once. A partly filled chunk holding c
 next block, so a crash could leave the last flushed index pointing at overwritten bytes (seen in 17 of 20 kill -9
 trials). Uncompressed chunks never move and their committed bytes are rewritten with the same values, so every
 committed step survives. ``close()`` then rewrites the finished file compressed (:mod:`inrun.store.compression`).
+
+A commit writes each buffered part straight into its slice of the dataset (no joined copy of the block). With
+``background=True`` (off by default) the commits that ``append_step`` starts run in a writer thread, one block in
+flight, under the same protocol; its error is raised on the training thread by the next call, and nothing is
+committed after it. What it can take off the training thread is mostly the ``fsync`` (h5py holds the GIL while it
+writes); a caller may not change arrays it has given to ``append_step`` until they are committed (true without it
+too: rows wait in the buffer until the next commit).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,6 +70,9 @@ from inrun.store.schema import (
 WRITER_STEP_COLUMNS = ("n_samples", "row_start")
 
 CREATE_SUFFIX = ".new.tmp"  # a store being created, renamed into place once its header and tables are written
+
+#: ``INRUN_STORE_BACKGROUND=1`` turns the background writer on for writers created with ``background=None``
+BACKGROUND_ENV = "INRUN_STORE_BACKGROUND"
 
 
 class _Buffer:
@@ -136,6 +147,7 @@ class RunWriter:
         flush_every: int = 100,
         max_buffer_bytes: int = 64 << 20,
         compression: str | None = "gzip",
+        background: bool | None = None,
     ):
         """Create the file now (so a bad path fails before training starts), or open it with ``resume=True``.
 
@@ -144,6 +156,13 @@ class RunWriter:
         "the file's columns". ``compression``: applied by ``close()``, which rewrites the finished file with it:
         "gzip" (level 4 + shuffle, readable everywhere), "lzf" (faster, h5py only) or None (keep it uncompressed,
         e.g. for very large stores). While the run is live the file is uncompressed (see the module docstring).
+
+        ``background=True``: the commits that ``append_step`` starts run in a writer thread (same protocol, same
+        order on disk), so the training thread only waits for the previous block, at most one block in flight
+        (memory up to twice ``max_buffer_bytes``). A write error there stops the writer and is raised as the same
+        ``StoreIOError`` by the next call on the training thread (``append_step``, ``flush``, ``close``...); no
+        commit follows it. ``flush()``, ``close()`` and the other calls that touch the file wait for the block in
+        flight. None: on when the environment variable ``INRUN_STORE_BACKGROUND`` is 1 (default off).
         """
         if overwrite and resume:
             raise ValueError("pass either overwrite=True (start a new file) or resume=True (append), not both")
@@ -159,6 +178,12 @@ class RunWriter:
         self._failed: BaseException | None = None
         self._closed = False
         self._committed = (0, 0)  # (steps, rows) in the file; the attributes' value, kept here for speed
+        self._taken = (0, 0)  # (steps, rows) committed or handed to the block in flight
+        if background is None:
+            background = os.environ.get(BACKGROUND_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.background = bool(background)
+        self._pending: threading.Thread | None = None  # the background commit in flight
+        self._pending_error: BaseException | None = None  # what it raised, not yet raised on the training thread
         if resume:
             self._check_resume_path()
         else:
@@ -287,7 +312,7 @@ class RunWriter:
         steps, rows = committed_counts(self._file, self.path)
         self._resize_tables(steps, rows)
         self._file.attrs["committed_rows"] = rows
-        self._committed = (steps, rows)
+        self._committed = self._taken = (steps, rows)
         sync(self._file)
 
     def _resize_tables(self, steps: int, rows: int) -> None:
@@ -326,8 +351,8 @@ class RunWriter:
 
     @property
     def num_steps(self) -> int:
-        """Steps appended so far: committed plus buffered."""
-        return self.committed_steps + self._step_buf.rows
+        """Steps appended so far: committed, in flight (background writer) and buffered."""
+        return self._taken[0] + self._step_buf.rows
 
     @property
     def last_step(self) -> int | None:
@@ -346,13 +371,16 @@ class RunWriter:
         self._check_usable()
         step = self._next_step(step_row)
         records, n = self._record_block(record_rows, step)
-        row_start = self.committed_rows + self._record_buf.rows
+        row_start = self._taken[1] + self._record_buf.rows
         steps = self._step_block(step_row, step=step, n_samples=n, row_start=row_start)
         self._record_buf.add(records, n)
         self._step_buf.add(steps, 1)
         self._last_step = step
         if self._step_buf.rows >= self.flush_every or self._buffered_bytes() >= self.max_buffer_bytes:
-            self.flush()
+            if self.background:
+                self._commit_in_background()
+            else:
+                self.flush()
         return step
 
     def _next_step(self, step_row: Mapping[str, Any]) -> int:
@@ -400,14 +428,26 @@ class RunWriter:
         """Commit every buffered step: records, then steps, flush, then the committed counts, flush again.
 
         The counts are flushed only after the data they cover is on disk, so a crash at any moment leaves them
-        pointing at whole steps. On a write error the writer stops and raises ``StoreIOError``.
+        pointing at whole steps. On a write error the writer stops and raises ``StoreIOError``. With the background
+        writer this first waits for the block in flight; everything appended is committed when it returns.
         """
         self._check_usable()
+        self._wait_pending()
         if self._step_buf.rows == 0:
             return
-        steps_before, rows_before = self.committed_steps, self.committed_rows
+        self._commit(*self._take_block())
+
+    def _take_block(self) -> tuple:
+        """The buffered rows as one block to commit, with where it goes; the buffers start empty again."""
+        before = self._taken
         n_steps, n_rows = self._step_buf.rows, self._record_buf.rows
-        records, steps = self._record_buf.take(), self._step_buf.take()
+        block = (before, n_steps, n_rows, self._record_buf.take(), self._step_buf.take())
+        self._taken = (before[0] + n_steps, before[1] + n_rows)
+        return block
+
+    def _commit(self, before: tuple[int, int], n_steps: int, n_rows: int, records: dict, steps: dict) -> None:
+        """Write one block and commit it (on the training thread, or in the writer thread)."""
+        steps_before, rows_before = before
         try:
             with SwallowedErrors() as swallowed:
                 reserve(self._file, chunked_bytes(self._records.values(), rows_before, n_rows)
@@ -432,6 +472,35 @@ class RunWriter:
             ) from err
         fault_point("commit")
 
+    def _commit_in_background(self) -> None:
+        """Hand the buffered block to a writer thread, after the previous one is done (one block in flight)."""
+        self._wait_pending()
+        block = self._take_block()
+
+        def run() -> None:
+            try:
+                self._commit(*block)
+            except BaseException as err:  # raised on the training thread by its next call
+                if self._failed is None:
+                    self._failed = err
+                self._pending_error = err
+
+        self._pending = threading.Thread(target=run, name=f"inrun-store-writer {self.path.name}")
+        self._pending.start()
+
+    def _wait_pending(self) -> None:
+        """Wait for the block in flight; raise its error (once) if it failed."""
+        pending = self._pending
+        if pending is not None:
+            pending.join()
+            self._pending = None
+        self._raise_pending_error()
+
+    def _raise_pending_error(self) -> None:
+        err, self._pending_error = self._pending_error, None
+        if err is not None:
+            raise err
+
     def _set_committed(self, steps: int, rows: int) -> None:
         self._file.attrs["committed_steps"] = steps
         self._file.attrs["committed_rows"] = rows
@@ -454,6 +523,7 @@ class RunWriter:
         rows = int(self._steps["row_start"][keep])
         try:
             self._set_committed(keep, rows)  # shrink the counts first: a crash in between loses nothing committed
+            self._taken = (keep, rows)  # nothing is buffered or in flight after the flush above
             self._resize_tables(keep, rows)
             sync(self._file)
         except (OSError, RuntimeError) as err:
@@ -466,6 +536,7 @@ class RunWriter:
         replacing an earlier one. With ``data=None`` only the group at ``path`` is made (kept if it exists) and
         ``attrs`` set. ``attrs``: scalars, strings, or lists/dicts (stored as JSON text)."""
         self._check_usable()
+        self._wait_pending()  # the writer thread's block first: one thing writes to the file at a time
         path = path.strip("/")
         if not path or path.split("/")[0] in (STEPS, RECORDS):
             raise ValueError(f"static path {path!r} must name a group or dataset outside 'steps' and 'records'")
@@ -492,10 +563,12 @@ class RunWriter:
 
     def set_config(self, config: Mapping[str, Any]) -> None:
         """Replace the stored run configuration (a JSON-able dict); on disk at the next commit."""
+        self._wait_pending()
         self._file.attrs["config"] = _json(config)
 
     def set_coverage(self, coverage: Mapping[str, Any]) -> None:
         """Replace the stored coverage description (a JSON-able dict); on disk at the next commit."""
+        self._wait_pending()
         self._file.attrs["coverage"] = _json(coverage)
 
     # -- closing ----------------------------------------------------------------------------------------------------
@@ -508,6 +581,7 @@ class RunWriter:
             return
         try:
             try:
+                self._wait_pending()  # a background commit's error surfaces here at the latest
                 if self._failed is None:
                     self.flush()
                     fault_point("close")
@@ -572,6 +646,9 @@ class RunWriter:
             pass
 
     def _check_usable(self) -> None:
+        pending = self._pending
+        if pending is not None and (self._failed is not None or not pending.is_alive()):
+            self._wait_pending()  # a finished (or failing) background commit: its own error, if any
         if self._closed:
             raise StoreError(f"run store writer for {self.path} is closed")
         if self._failed is not None:
