@@ -423,11 +423,16 @@ def _mixing_after(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, b
 
 
 def _alone_gradients(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, n: int,
-                     samples: list[int], checked: list[Tensor], losses: Tensor) -> list | None:
+                     samples: list[int], checked: list[Tensor], losses: Tensor, budget: float = math.inf
+                     ) -> list | None:
     """Autograd's gradients of each spot-checked sample run ALONE (a batch of one: a forward and a backward of one
     sample each instead of a backward of the whole batch per sample). Only valid when the batch's forward drew no
     random numbers (checked by the caller) and each sample alone has the loss it has in the batch (checked here);
-    None otherwise, and the caller differentiates the batch's own losses instead."""
+    None otherwise, and the caller differentiates the batch's own losses instead. A sample alone that took longer
+    than ``budget`` seconds (what a backward of the batch took: small models are bound by per-call overheads, not
+    by the batch size) ends the list early; the caller takes the remaining samples from the batch."""
+    import time
+
     tol = tolerance(losses.dtype, MIXING_TOLERANCE)
     found = []
     enabled, capture.enabled = capture.enabled, False
@@ -438,6 +443,7 @@ def _alone_gradients(capture: GradientCapture, model: nn.Module, loss_fn: LossFn
     originals = _swap_buffers(model)
     try:
         for i in samples:
+            start = time.perf_counter()
             one = loss_fn(model, slice_batch(batch, n, i))
             if not isinstance(one, Tensor) or one.shape != (1,) or not one.requires_grad:
                 return None
@@ -445,6 +451,8 @@ def _alone_gradients(capture: GradientCapture, model: nn.Module, loss_fn: LossFn
             if float((one.detach()[0] - expected).abs()) > tol * float(expected.abs().clamp_min(1e-30)):
                 return None  # the sample alone is not the sample in the batch: compare in the batch
             found.append(torch.autograd.grad(one[0], checked, allow_unused=True))
+            if time.perf_counter() - start > budget:
+                break
     except Exception:  # noqa: BLE001 - a model that cannot run one sample alone: the batch's own backwards
         return None
     finally:
@@ -486,6 +494,8 @@ def checked_capture(
     per spot-checked sample a forward and backward of that sample alone -- or, when the forward draws random numbers
     (dropout) or a sample alone has another loss than in the batch, a backward of the whole batch per sample.
     """
+    import time
+
     from inrun.engine.products import _backward_keeping_grads, infer_batch_size, per_sample_losses
 
     n = infer_batch_size(batch)
@@ -508,10 +518,13 @@ def checked_capture(
     targets = outputs if outputs is not None else checked
     samples = spot_samples(losses.shape[0], spot) if spot else []
     batch_grads = None
+    backward_seconds = math.inf
     if targets or checked:
         try:
+            start = time.perf_counter()
             batch_grads = torch.autograd.grad(losses.sum(), targets + checked, allow_unused=True,
                                               retain_graph=bool(samples))[len(targets):]
+            backward_seconds = time.perf_counter() - start
         except RuntimeError as error:
             if "reentrant" not in str(error).lower() and ".grad()" not in str(error):
                 raise
@@ -528,12 +541,15 @@ def checked_capture(
         random = rng_after is None or any(not torch.equal(a, b) for a, b in zip(rng_before, rng_after))
         exact_types = (None, torch.float32, torch.float64)  # half precision rounds a batch of one differently
         if not random and captured.precision in exact_types and losses.dtype in exact_types:
-            sample_grads = _alone_gradients(capture, model, loss_fn, batch, captured.n, samples, checked, losses)
-        if sample_grads is None:  # the same forward (same dropout masks): one backward of the batch per sample
+            sample_grads = _alone_gradients(capture, model, loss_fn, batch, captured.n, samples, checked, losses,
+                                            budget=backward_seconds)
+        sample_grads = sample_grads or []
+        if len(sample_grads) < len(samples):  # the same forward (same dropout masks): a backward of the batch each
+            rest = samples[len(sample_grads):]
             try:
-                sample_grads = [torch.autograd.grad(losses[i], checked, allow_unused=True,
-                                                    retain_graph=k + 1 < len(samples))
-                                for k, i in enumerate(samples)]
+                sample_grads += [torch.autograd.grad(losses[i], checked, allow_unused=True,
+                                                     retain_graph=k + 1 < len(rest))
+                                 for k, i in enumerate(rest)]
             finally:
                 capture.discard()  # the single-sample backwards fired the hooks again
     del losses  # frees the graph kept for the spot check
