@@ -9,7 +9,9 @@ wrapping the method that does it (nothing in the library changes):
 * ``validation check``: ``InRunRecorder.start`` (hooks, and one validation gradient that fails early on bad data;
   called again at every step, where it returns at once);
 * ``store creation``: ``InRunRecorder._open_store`` (``RunWriter`` creation: lock, file, tables, configuration);
-* ``commits``: every ``RunWriter.flush`` (the writer commits every ``flush_every`` steps and at close);
+* ``commits``: every ``RunWriter.flush`` (the writer commits every ``flush_every`` steps and at close); with the
+  background writer (``INRUN_STORE_BACKGROUND=1``) the training thread's part of a commit: waiting for the block in
+  flight and handing over the next (``RunWriter._commit_in_background``);
 * ``compression``: ``RunWriter._compress``, the compressing rewrite after the file is closed;
 * ``store close``: all of ``RunWriter.close`` (last commit, file close, compression);
 * ``checkpoints``: ``InRunRecorder.save_checkpoint`` (the configurations with ``checkpoint_every``);
@@ -45,6 +47,7 @@ TIMED = [
     ("validation check", "inrun.valuation.recorder:InRunRecorder", "start"),
     ("store creation", "inrun.valuation.recorder:InRunRecorder", "_open_store"),
     ("commits", "inrun.store.writer:RunWriter", "flush"),
+    ("commits", "inrun.store.writer:RunWriter", "_commit_in_background"),  # the training thread's part of one
     ("compression", "inrun.store.writer:RunWriter", "_compress"),
     ("store close", "inrun.store.writer:RunWriter", "close"),
     ("checkpoints", "inrun.valuation.recorder:InRunRecorder", "save_checkpoint"),
@@ -59,6 +62,9 @@ CONFIGS = {
     "second order": dict(shapley="second"),
     "embeddings only": dict(shapley=None, embeddings=True),
     "first order, checkpoint every 8": dict(shapley="first", checkpoint_every=8),
+    "embeddings only, background writer": dict(shapley=None, embeddings=True, env={"INRUN_STORE_BACKGROUND": "1"}),
+    # the commits as they were before they wrote the buffered parts unjoined (experiments.bench_store_flush)
+    "embeddings only, joined commits (before)": dict(shapley=None, embeddings=True, joined=True),
 }
 
 
@@ -141,6 +147,11 @@ def fit(args, options: dict | None, folder: Path, timers: Timers) -> dict:
     val_windows = TokenWindows(args.val, args.seq_len, config.vocab_size, seed=1)
     val = {k: torch.stack([val_windows[i][k] for i in range(args.val)]) for k in ("input_ids", "labels")}
     callbacks = []
+    options = None if options is None else dict(options)
+    env = {} if options is None else options.pop("env", {})
+    joined = False if options is None else options.pop("joined", False)
+    saved_env = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # read when the store is created, at the first step
     if options is not None:
         callbacks.append(InRunCallback(folder / "run.h5", val_data=val, overwrite=True, **options))
     trainer = L.Trainer(max_steps=args.steps, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
@@ -152,8 +163,22 @@ def fit(args, options: dict | None, folder: Path, timers: Timers) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    import inrun.store.writer as store_writer
+    from experiments.bench_store_flush import joined_write_rows
+
+    write_rows = store_writer._write_rows
+    if joined:
+        store_writer._write_rows = joined_write_rows
     began, cpu_began = time.perf_counter(), time.process_time()
-    trainer.fit(module, loader)
+    try:
+        trainer.fit(module, loader)
+    finally:
+        store_writer._write_rows = write_rows
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"wall": time.perf_counter() - began, "cpu": time.process_time() - cpu_began,
@@ -192,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[name].append(fit(args, CONFIGS[name], Path(folder), timers))
     from experiments.benchutil import render_table
 
-    labels = [label for label, _, _ in TIMED]
+    labels = list(dict.fromkeys(label for label, _, _ in TIMED))
     print(f"TinyGPT d {args.d_model}, {args.layers} blocks, context {args.seq_len}; batch {args.batch}, validation "
           f"{args.val}; AdamW; Lightning fit of {args.steps} steps on {args.device} ({args.dtype}, "
           f"{torch.get_num_threads()} threads); median of {args.repeats}")
