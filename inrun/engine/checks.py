@@ -9,9 +9,11 @@ Three checks, each catching what the others cannot:
   that differs from it (in every tensor whose leading dimension is the batch size) and run the model again with the same random state; no other
   sample's loss may move. BatchNorm in training mode, in-batch losses and anything else that mixes samples fails it,
   and is refused whatever ``allow_unsupported`` says (:class:`~inrun.errors.SampleMixingError`).
-* *per-sample spot check* (:func:`check_samples`): autograd's gradient of one or two single samples' losses (from the
-  same forward, so the same dropout masks) against the engine's values for those samples: the squared norm and the
-  inner product with the batch gradient. The sum check cannot see a contribution credited to the wrong sample (a
+* *per-sample spot check* (:func:`check_samples`): autograd's gradient of one or two single samples' losses against
+  the engine's values for those samples: the squared norm and the inner product with the batch gradient. Each sample
+  runs alone when the batch's forward drew no random numbers and the sample alone has its loss in the batch (a
+  forward and backward of one sample); otherwise its loss is differentiated in the batch's own forward (same dropout
+  masks). The sum check cannot see a contribution credited to the wrong sample (a
   lookup broadcast over the batch read as per-sample); this can.
 
 :func:`checked_capture` runs all three around one captured batch (what ``grad_dots``/``grad_norms`` and the recorder's
@@ -597,8 +599,10 @@ class RecorderChecks:
     """When and how the recorder checks: at its first optimizer step always, then every ``every`` steps.
 
     At the first micro-batch of a checked step the training batch goes through :func:`checked_capture` before the
-    real forward (independence, completeness against one extra backward, spot check; parameters and ``param.grad``
-    untouched, random state and buffers restored). At the step itself the captured contributions of the real
+    real forward (independence, completeness against autograd's batch gradient, spot check; parameters and
+    ``param.grad`` untouched; random state and buffers as after an unchecked capture of the batch). In a single
+    process with full parameters the batch's completeness check is left to the step (the same sums against the
+    optimizer's gradients); when the step cannot compare them the next batch check does its own. At the step itself the captured contributions of the real
     backward are compared with the gradients the optimizer is given. Failures raise; a loss function that cannot take
     a training batch only skips the batch part, with a warning.
 
