@@ -144,8 +144,9 @@ def grad_dots(
     ``check`` (default True) verifies both batches first (:mod:`inrun.engine.checks`): samples independent, the
     per-sample gradients adding up to autograd's, and two samples' gradients recomputed alone; a failure raises
     :class:`~inrun.errors.ExactnessError` or :class:`~inrun.errors.SampleMixingError` instead of returning wrong
-    numbers. It costs one more backward to the parameters, two single-sample backwards and two forwards without
-    gradients per batch; pass ``check=False`` in a loop over many batches once a model has passed.
+    numbers. It costs one more backward to the parameters, one more forward (the independence probe) and two
+    spot-checked samples per batch (each run alone as a batch of one where that is exact and cheaper, else a backward
+    of the batch); pass ``check=False`` in a loop over many batches once a model has passed.
     """
     with GradientCapture(model, allow_unsupported=allow_unsupported) as capture:
         val = _capture(capture, model, loss_fn, val_batch, check)
