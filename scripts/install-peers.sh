@@ -37,6 +37,12 @@ for name in ("dattri", "kronfluence"):
                 removed += 1
     if removed:
         print(f"[inrun] removed {removed} files of {name}'s top-level {sorted(STRAY)} folders (not part of the library)")
+    for folder in STRAY:  # and the folders left holding nothing but empty folders
+        top = Path(dist.locate_file(folder))
+        if top.is_dir() and not any(p.is_file() for p in top.rglob("*")):
+            for sub in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                sub.rmdir()
+            top.rmdir()
 PY
 if "$venv/bin/python" -c "import torchvision" 2>/dev/null; then :; elif "$venv/bin/python" -m pip show -q torchvision >/dev/null 2>&1; then
     echo "[inrun] torchvision is installed but does not import next to this torch: uninstalling it" >&2
