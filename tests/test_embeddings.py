@@ -553,3 +553,22 @@ def test_bad_arguments(projected_run, tmp_path):
         dv_build.build_embeddings(projected_run.path, tmp_path / "x.h5", hessian_scale="mean", progress=False)
     with pytest.raises(ValueError, match="chunk_steps"):
         dv_build.build_embeddings(projected_run.path, tmp_path / "x.h5", chunk_steps=0, progress=False)
+
+
+def test_stale_default_embeddings_of_an_earlier_run_are_rebuilt(projected_run, exact_run, tmp_path):
+    """A store recorded again at the same path (overwrite=True) leaves the earlier run's embeddings at the default
+    path: reading with the default rebuilds them for this run (with a warning) instead of refusing, and the values
+    equal those from embeddings built explicitly for this run; an explicitly passed file of another run stays refused."""
+    store = tmp_path / "run.h5"
+    shutil.copy(projected_run.path, store)
+    with inrun.open_run(store) as run:
+        default = dv.default_embeddings_path(run)
+    dv_build.build_embeddings(exact_run.path, default, progress=False)  # the "earlier run" at this path
+    mine = dv_build.build_embeddings(projected_run.path, tmp_path / "mine.h5", progress=False)
+    with inrun.open_run(store) as run:
+        with pytest.warns(UserWarning, match="embeddings of an earlier run"):
+            got = dv.trajectory_loo(run, projected_run.model, loss_fn, projected_run.test, progress=False)
+        expected = dv.trajectory_loo(run, projected_run.model, loss_fn, projected_run.test, embeddings=mine)
+        with h5py.File(default, "r") as f:
+            assert str(f.attrs["run_id"]) == run.run_id
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)

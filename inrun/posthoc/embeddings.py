@@ -9,6 +9,7 @@ built on first use by :func:`inrun.posthoc.build.build_embeddings`.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,25 @@ def open_embeddings(run: Run, embeddings: "str | Path | None" = None, *, build: 
                     progress: bool = True) -> Embeddings:
     """The run's embeddings file (default path when ``embeddings`` is None, built there first when missing)."""
     path = Path(embeddings) if embeddings is not None else default_embeddings_path(run)
-    if embeddings is None and build and not path.exists():
-        require_embeddings(run)
-        build_embeddings(run, path, progress=progress)
+    if embeddings is None and build:
+        owner = _run_id_of(path) if path.exists() else None
+        stale = owner is not None and owner != run.run_id
+        if stale:  # the default path of a store that was since recorded again (overwrite=True): rebuild for this run
+            warnings.warn(f"{path} holds the embeddings of an earlier run recorded at {run.paths[0]}; rebuilding "
+                          f"them for run {run.run_id}", stacklevel=2)
+        if stale or not path.exists():
+            require_embeddings(run)
+            build_embeddings(run, path, progress=progress, resume=not stale)
     return Embeddings(path, run)
+
+
+def _run_id_of(path: Path) -> str | None:
+    """The run id an embeddings file was built for (None when it cannot be read: the caller's check then says why)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs["run_id"]) if "run_id" in f.attrs else None
+    except (OSError, KeyError):
+        return None
 
 
 def trajectory_loo(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, *,
