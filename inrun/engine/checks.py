@@ -484,12 +484,14 @@ def _put_back_buffers(originals: list[tuple[nn.Module, str, Tensor]]) -> None:
 
 def checked_capture(
     capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, *, spot: int = 2, independence: bool = True,
-    completeness: bool = True,
+    completeness: bool = True, alone: bool = True,
 ) -> CapturedBatch:
     """Like :func:`~inrun.engine.products.capture_batch`, and check the result: sample independence, completeness
     against autograd's batch gradient (from the same backward), and the spot check of ``spot`` samples. Raises on
     any failure. ``completeness=False`` leaves the sum check to the caller (the recorder compares at the step with
     the optimizer's gradients); a spot-check failure still runs it first, so that the error names the right cause.
+    ``alone=False`` never runs spot-checked samples alone: the path taken then depends on nothing timed, which ranks
+    that must enter the same collectives (a ZeRO-3 forward gathers parameters) need.
 
     Cost: a one-sample shape probe, one forward and backward (the capture's, also to the parameters), one forward of
     the batch with sample 0 changed (the unchanged run is the captured forward, replayed from its random state), and
@@ -542,7 +544,7 @@ def checked_capture(
     if samples and batch_grads is not None:  # before the probe below runs the model again
         random = rng_after is None or any(not torch.equal(a, b) for a, b in zip(rng_before, rng_after))
         exact_types = (None, torch.float32, torch.float64)  # half precision rounds a batch of one differently
-        if not random and captured.precision in exact_types and losses.dtype in exact_types:
+        if alone and not random and captured.precision in exact_types and losses.dtype in exact_types:
             sample_grads = _alone_gradients(capture, model, loss_fn, batch, captured.n, samples, checked, losses,
                                             budget=backward_seconds)
         sample_grads = sample_grads or []
@@ -688,7 +690,11 @@ class RecorderChecks:
         try:
             with self._context():
                 if size != 0:
-                    failure = self._batch_check(capture, recorder.model, loss_fn, batch, completeness=not defer)
+                    # with collectives (several ranks, ZeRO-3's gathers) the path must not depend on timings: no
+                    # samples run alone (whether the second one does is decided by a clock, per rank)
+                    distributed = self.sum_over_ranks is not None or self.full_parameters is not None
+                    failure = self._batch_check(capture, recorder.model, loss_fn, batch, completeness=not defer,
+                                                alone=not distributed)
                     self.runs["batch"] += 1
                     self.deferred_step = step if defer else None
         finally:
@@ -703,11 +709,11 @@ class RecorderChecks:
 
     @staticmethod
     def _batch_check(capture: GradientCapture, model: nn.Module, loss_fn: LossFn, batch: Any, *,
-                     completeness: bool = True) -> BaseException | None:
+                     completeness: bool = True, alone: bool = True) -> BaseException | None:
         """Run :func:`checked_capture`; the error to raise, or None (a loss function that cannot take the training
         batch, or an unexpected failure of the check itself, only warns: the check never breaks a working run)."""
         try:
-            checked_capture(capture, model, loss_fn, batch, completeness=completeness)
+            checked_capture(capture, model, loss_fn, batch, completeness=completeness, alone=alone)
         except (ExactnessError, SampleMixingError) as error:
             return error
         except InRunError as error:
