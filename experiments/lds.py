@@ -41,11 +41,13 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,12 +133,16 @@ def take(data: dict, ids: torch.Tensor) -> dict:
     return {"x": data["x"][ids], "y": data["y"][ids], "index": data["index"][ids]}
 
 
-def train_plain(s: Settings, train: dict, keep: np.ndarray | None = None) -> nn.Module:
-    model = make_model(s)
-    optimizer = make_optimizer(s, model)
+def train_plain(s: Settings, train: dict, keep: np.ndarray | None = None, *, task: Any = None) -> nn.Module:
+    """Train from the fixed initial parameters on the samples ``keep`` selects, in the fixed order. ``task``: a
+    module with ``make_model``, ``make_optimizer``, ``take`` and ``loss_fn`` (default: this one, the digits task;
+    ``experiments.lds_lm`` passes itself)."""
+    task = task or sys.modules[__name__]
+    model = task.make_model(s)
+    optimizer = task.make_optimizer(s, model)
     for ids in batches(s, keep):
         optimizer.zero_grad()
-        loss_fn(model, take(train, ids)).mean().backward()
+        task.loss_fn(model, task.take(train, ids)).mean().backward()
         optimizer.step()
     return model
 
@@ -149,19 +155,22 @@ def subset_masks(s: Settings) -> np.ndarray:
     return masks
 
 
-def retrained_losses(s: Settings, train: dict, test: dict, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(masks [subsets, n_train], losses [subsets, test_points])``, from the cache when it holds them."""
-    path = cache / f"lds-{s.optimizer}-{s.key()}.npz"
+def retrained_losses(s: Settings, train: dict, test: dict, cache: Path, *, task: Any = None,
+                     prefix: str = "lds") -> tuple[np.ndarray, np.ndarray]:
+    """``(masks [subsets, n_train], losses [subsets, test_points])``, from the cache (``<prefix>-<optimizer>-<key>``)
+    when it holds them; ``task`` as for :func:`train_plain`."""
+    task = task or sys.modules[__name__]
+    path = cache / f"{prefix}-{s.optimizer}-{s.key()}.npz"
     masks = subset_masks(s)
     if path.exists():
         stored = np.load(path)
         if np.array_equal(stored["masks"], masks):
             return masks, stored["losses"]
-    losses = np.zeros((s.subsets, len(test["y"])))
+    losses = np.zeros((s.subsets, len(test["index"])))
     for k, mask in enumerate(masks):
-        model = train_plain(s, train, mask)
+        model = train_plain(s, train, mask, task=task)
         with torch.no_grad():
-            losses[k] = loss_fn(model, test).double().numpy()
+            losses[k] = task.loss_fn(model, test).double().numpy()
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, masks=masks, losses=losses, settings=json.dumps(asdict(s)))
     return masks, losses

@@ -52,6 +52,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 
 import inrun
+from experiments import lds as lds_task
 from experiments.lds import batches, lds, per_val_values, step_zero_share
 from experiments.textdata import build_corpus
 from experiments.tinygpt import TinyGPT, TinyGPTConfig, per_sample_lm_loss
@@ -127,40 +129,10 @@ def take(data: dict, ids: torch.Tensor) -> dict:
     return {"input_ids": data["input_ids"][ids], "labels": data["labels"][ids], "index": data["index"][ids]}
 
 
-def train_plain(s: Settings, train: dict, keep: np.ndarray | None = None) -> nn.Module:
-    model = make_model(s)
-    optimizer = make_optimizer(s, model)
-    for ids in batches(s, keep):
-        optimizer.zero_grad()
-        loss_fn(model, take(train, ids)).mean().backward()
-        optimizer.step()
-    return model
-
-
-def subset_masks(s: Settings) -> np.ndarray:
-    rng = np.random.default_rng(s.seed + 3)
-    masks = np.zeros((s.subsets, s.n_train), bool)
-    for k in range(s.subsets):
-        masks[k, rng.choice(s.n_train, s.n_train // 2, replace=False)] = True
-    return masks
-
-
 def retrained_losses(s: Settings, train: dict, test: dict, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(masks [subsets, n_train], losses [subsets, test_points])``, from the cache when it holds them."""
-    path = cache / f"lds-lm-{s.optimizer}-{s.key()}.npz"
-    masks = subset_masks(s)
-    if path.exists():
-        stored = np.load(path)
-        if np.array_equal(stored["masks"], masks):
-            return masks, stored["losses"]
-    losses = np.zeros((s.subsets, len(test["index"])))
-    for k, mask in enumerate(masks):
-        model = train_plain(s, train, mask)
-        with torch.no_grad():
-            losses[k] = loss_fn(model, test).double().numpy()
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, masks=masks, losses=losses, settings=json.dumps(asdict(s)))
-    return masks, losses
+    """``(masks [subsets, n_train], losses [subsets, test_points])`` of this task, by the digits benchmark's cached
+    retraining (its own cache files, ``lds-lm-*``)."""
+    return lds_task.retrained_losses(s, train, test, cache, task=sys.modules[__name__], prefix="lds-lm")
 
 
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, masks: np.ndarray, losses: np.ndarray, *, draws: int = 200,
