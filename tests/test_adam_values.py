@@ -291,6 +291,24 @@ def test_second_order_fallback_is_reported(tmp_path):
     assert any("second order fell back to first order at 2 of 3 steps" in line for line in lines), lines
 
 
+def tracin_cp_reference(checkpoints, train, val, step_sizes) -> np.ndarray:
+    """sum_c (sum of ``step_sizes(start, end, name)`` over the steps checkpoint c stands for) / n_train
+    * <g_test(theta_c), g_i(theta_c)> per parameter, from torch.func per-sample gradients at each saved checkpoint."""
+    n = len(train["y"])
+    expected = np.zeros((n, N_VAL))
+    starts = [s for s in sorted(checkpoints) if s < STEPS]
+    for position, start in enumerate(starts):
+        end = starts[position + 1] if position + 1 < len(starts) else STEPS
+        probe = make_model()
+        probe.load_state_dict(torch.load(checkpoints[start], weights_only=True)["state_dict"])
+        g_train = per_sample_grads(probe, loss_fn, {"x": train["x"], "y": train["y"]})
+        g_test = per_sample_grads(probe, loss_fn, val)
+        for name in g_train:
+            weight = np.sum(step_sizes(start, end, name)) / n
+            expected += weight * (g_train[name].reshape(n, -1) @ g_test[name].reshape(N_VAL, -1).T).numpy()
+    return expected
+
+
 def test_tracin_cp_against_per_sample_gradients_at_each_checkpoint(tmp_path):
     """TracInCP = sum_c w_c <g_test(theta_c), g_i(theta_c)>, w_c = (sum of the block scales of the steps checkpoint
     c stands for) / n_train, from torch.func per-sample gradients at each saved checkpoint (whole projections)."""
@@ -307,16 +325,7 @@ def test_tracin_cp_against_per_sample_gradients_at_each_checkpoint(tmp_path):
         layout = [block.name for block in load_projector(run).layout]  # the order of proj_scale's columns
     for k, v in model.state_dict().items():  # the model is restored
         assert torch.equal(v, final[k])
-    n = len(train["y"])
-    expected = np.zeros((n, N_VAL))
-    starts = [s for s in sorted(checkpoints) if s < STEPS]
-    for position, start in enumerate(starts):
-        end = starts[position + 1] if position + 1 < len(starts) else STEPS
-        probe = make_model()
-        probe.load_state_dict(torch.load(checkpoints[start], weights_only=True)["state_dict"])
-        g_train = per_sample_grads(probe, loss_fn, {"x": train["x"], "y": train["y"]})
-        g_test = per_sample_grads(probe, loss_fn, val)
-        for b, name in enumerate(layout):
-            weight = scales[start:end, b].sum() / n
-            expected += weight * (g_train[name].reshape(n, -1) @ g_test[name].reshape(N_VAL, -1).T).numpy()
+    column = {name: b for b, name in enumerate(layout)}
+    expected = tracin_cp_reference(  # a parameter without a block is not valued: weight 0
+        checkpoints, train, val, lambda start, end, name: scales[start:end, column[name]] if name in column else 0.0)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())

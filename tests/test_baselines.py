@@ -153,8 +153,8 @@ def test_tracin_cp_with_learning_rate_step_sizes(tmp_path):
     * <g_test(theta_c), g_i(theta_c)>, one weight for every layer, from torch.func per-sample gradients at each
     saved checkpoint of an AdamW run (where the recorded update scales differ from the learning rate)."""
     from inrun.store.paths import find_checkpoints
-    from tests.test_adam_values import N_VAL, STEPS, make_model, record_with_checkpoints
     from tests.test_adam_values import loss_fn as adam_loss
+    from tests.test_adam_values import record_with_checkpoints, tracin_cp_reference
 
     model, train, val = record_with_checkpoints(tmp_path / "run.h5", checkpoint_every=2)
     with inrun.open_run(tmp_path / "run.h5") as run:
@@ -164,17 +164,6 @@ def test_tracin_cp_with_learning_rate_step_sizes(tmp_path):
         lrs = np.asarray(run.steps["lr"], np.float64)
         with pytest.raises(inrun.errors.InvalidArgumentError, match="step_size='adam'"):
             baselines.tracin_cp(run, model, adam_loss, val, train, step_size="adam")
-    n = len(train["y"])
-    expected = np.zeros((n, N_VAL))
-    starts = [s for s in sorted(checkpoints) if s < STEPS]
-    for position, start in enumerate(starts):
-        end = starts[position + 1] if position + 1 < len(starts) else STEPS
-        probe = make_model()
-        probe.load_state_dict(torch.load(checkpoints[start], weights_only=True)["state_dict"])
-        g_train = per_sample_grads(probe, adam_loss, {"x": train["x"], "y": train["y"]})
-        g_test = per_sample_grads(probe, adam_loss, val)
-        weight = lrs[start:end].sum() / n
-        for name in g_train:
-            expected += weight * (g_train[name].reshape(n, -1) @ g_test[name].reshape(N_VAL, -1).T).numpy()
+    expected = tracin_cp_reference(checkpoints, train, val, lambda start, end, name: lrs[start:end])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
     assert not np.allclose(by_update, expected, rtol=0, atol=1e-3 * np.abs(expected).max())  # Adam: they differ
