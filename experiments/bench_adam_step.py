@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from experiments.bench_engine import GPT, GPTShape, next_token_losses, random_tokens
-from experiments.benchutil import render_table
+from experiments.benchutil import render_table, train_step
 from inrun.valuation.recorder import InRunRecorder
 
 CONFIGS = {
@@ -84,18 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         def step(name: str) -> None:
             model, optimizer, recorder, t = states[name]
             ids = torch.arange(t * args.batch, (t + 1) * args.batch)
-            batch = {"tokens": data[ids], "index": ids}
-            if recorder is not None:
-                recorder.begin_microbatch(batch)
-            loss = loss_fn(model, batch).mean()
-            loss.backward()
-            if recorder is not None:
-                recorder.end_microbatch()
-                recorder.before_optimizer_step(optimizer)
-            optimizer.step()
-            optimizer.zero_grad()
-            if recorder is not None:
-                recorder.note_train_loss(float(loss))
+            train_step(model, optimizer, loss_fn, {"tokens": data[ids], "index": ids}, recorder)
             states[name][3] = t + 1
 
         first: dict[str, float] = {}

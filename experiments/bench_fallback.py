@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import inrun
-from experiments.benchutil import Measurement, format_bytes, measure, render_table
+from experiments.benchutil import Measurement, format_bytes, measure, render_table, train_step
 
 #: variant -> whether the parameters the fallback would attribute are frozen
 VARIANTS = {"through the fallback": False, "frozen": True}
@@ -154,17 +154,7 @@ def training_loop(model: nn.Module, batches: list[dict], val: dict, recorder_pat
     for step, batch in enumerate(batches):
         if step == 1:
             start = time.process_time()
-        if recorder is not None:
-            recorder.begin_microbatch(batch)
-        loss = loss_fn(model, batch).mean()
-        loss.backward()
-        if recorder is not None:
-            recorder.end_microbatch()
-            recorder.before_optimizer_step(optimizer)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if recorder is not None:
-            recorder.note_train_loss(float(loss.detach()))
+        train_step(model, optimizer, loss_fn, batch, recorder)
     elapsed = time.process_time() - start if start is not None else 0.0
     if recorder is not None:
         recorder.close()

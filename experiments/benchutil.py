@@ -190,3 +190,23 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any, Any], torch.Tensor],
+               batch: Any, recorder: Any = None) -> torch.Tensor:
+    """One plain-PyTorch optimizer step on ``batch`` (mean of the per-sample losses), driving ``recorder`` (an
+    ``InRunRecorder``, or None for plain training) the way a user's loop does: the batch's ids before the forward,
+    the micro-batch after the backward, the values before ``optimizer.step()``, the training loss after. Returns
+    the loss (detached)."""
+    if recorder is not None:
+        recorder.begin_microbatch(batch)
+    loss = loss_fn(model, batch).mean()
+    loss.backward()
+    if recorder is not None:
+        recorder.end_microbatch()
+        recorder.before_optimizer_step(optimizer)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if recorder is not None:
+        recorder.note_train_loss(float(loss.detach()))
+    return loss.detach()

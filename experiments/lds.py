@@ -421,6 +421,18 @@ def best_inrun_vs_peer(scores: dict[str, float]) -> str | None:
     return (f"best inrun: {best_inrun} {a:.3f}; best peer: {best_peer} {b:.3f}; difference {a - b:+.3f}{spread}")
 
 
+def print_table(results: dict[str, dict[str, float]], optimizers: list[str]) -> None:
+    """The markdown table of ``results`` (optimizer -> method -> score): one row per method, one column per
+    optimizer ("failed" where a method gave NaN, empty where it did not run)."""
+    names = list(dict.fromkeys(k for r in results.values() for k in r))
+    print("| method | " + " | ".join(f"LDS, {name}" for name in optimizers) + " |")
+    print("|---|" + "---|" * len(optimizers))
+    for key in names:
+        cells = [("failed" if np.isnan(results[o][key]) else f"{results[o][key]:.3f}") if key in results[o] else ""
+                 for o in optimizers]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
@@ -469,13 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
             s = Settings(optimizer=name, lr=lr, subsets=args.subsets, test_points=args.test_points,
                          n_train=args.n_train, epochs=args.epochs, seed=args.seed)
             results[name] = evaluate(s, args, args.cache, Path(folder))
-    names = list(dict.fromkeys(k for r in results.values() for k in r))
-    print("| method | " + " | ".join(f"LDS, {name}" for name in args.optimizers) + " |")
-    print("|---|" + "---|" * len(args.optimizers))
-    for key in names:
-        cells = [("failed" if np.isnan(results[o][key]) else f"{results[o][key]:.3f}") if key in results[o] else ""
-                 for o in args.optimizers]
-        print(f"| {key} | " + " | ".join(cells) + " |")
+    print_table(results, args.optimizers)
     for name in args.optimizers:
         line = best_inrun_vs_peer(results[name])
         if line:

@@ -263,12 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
             s = Settings(optimizer=name, lr=lr, subsets=args.subsets, test_points=args.test_points,
                          n_train=args.n_train, epochs=args.epochs, seed=args.seed)
             results[name] = evaluate(s, args, args.cache, Path(folder))
-    names = list(dict.fromkeys(k for r in results.values() for k in r))
-    print("| method | " + " | ".join(f"LDS, {name}" for name in args.optimizers) + " |")
-    print("|---|" + "---|" * len(args.optimizers))
-    for key in names:
-        cells = [f"{results[o][key]:.3f}" if key in results[o] else "" for o in args.optimizers]
-        print(f"| {key} | " + " | ".join(cells) + " |")
+    lds_task.print_table(results, args.optimizers)
     print(f"total {time.perf_counter() - started:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
