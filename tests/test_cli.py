@@ -20,10 +20,9 @@ from inrun.valuation.recorder import InRunRecorder
 SOURCES = ["clean", "noisy"]
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory) -> str:
-    """Two epochs of SGD on 24 samples (each sample seen twice), second-order values, two sources."""
-    path = tmp_path_factory.mktemp("cli") / "run.h5"
+def record_small_run(path, *, epochs: int, sources: list[str] | None = None, **options) -> str:
+    """``epochs`` of SGD on 24 samples (batches of 4 in a fixed order), second-order values, a fixed seed; with
+    ``sources``, sample i comes from source i % 2. ``options`` go to the recorder."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
     val = {"x": torch.randn(4, 5, generator=g), "y": torch.randint(0, 3, (4,), generator=g)}
@@ -34,15 +33,18 @@ def recorded(tmp_path_factory) -> str:
         return F.cross_entropy(m(b["x"]), b["y"], reduction="none")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, shapley="second", source_names=SOURCES,
-                             per_val_point=True)
+    if sources is not None:
+        options["source_names"] = sources
+    recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, shapley="second", **options)
     recorder.start()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(2):
+        for _ in range(epochs):
             for start in range(0, 24, 4):
                 ids = torch.arange(start, start + 4)
-                batch = {"x": x[ids], "y": y[ids], "index": ids, "source": ids % 2}
+                batch = {"x": x[ids], "y": y[ids], "index": ids}
+                if sources is not None:
+                    batch["source"] = ids % 2
                 recorder.begin_microbatch(batch)
                 loss = loss_fn(model, batch).mean()
                 loss.backward()
@@ -53,6 +55,12 @@ def recorded(tmp_path_factory) -> str:
                 recorder.note_train_loss(float(loss))
     recorder.close()
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> str:
+    """Two epochs of SGD on 24 samples (each sample seen twice), second-order values, two sources."""
+    return record_small_run(tmp_path_factory.mktemp("cli") / "run.h5", epochs=2, sources=SOURCES, per_val_point=True)
 
 
 def run_cli(*args: str) -> str:

@@ -3,47 +3,21 @@ the same values as the default gzip store; a bad value is refused before trainin
 
 from __future__ import annotations
 
-import warnings
-
 import h5py
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import inrun
 from inrun.errors import InvalidArgumentError
 from inrun.valuation.recorder import InRunRecorder
+from tests.test_cli import record_small_run
 
 
 def record(path, **options) -> str:
     """Six SGD steps of a small MLP on 24 samples, second-order values (the same run for the same options)."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
-    val = {"x": torch.randn(4, 5, generator=g), "y": torch.randint(0, 3, (4,), generator=g)}
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-
-    def loss_fn(m, b):
-        return F.cross_entropy(m(b["x"]), b["y"], reduction="none")
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, shapley="second", **options)
-    recorder.start()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for start in range(0, 24, 4):
-            ids = torch.arange(start, start + 4)
-            batch = {"x": x[ids], "y": y[ids], "index": ids}
-            recorder.begin_microbatch(batch)
-            loss_fn(model, batch).mean().backward()
-            recorder.end_microbatch()
-            recorder.before_optimizer_step(optimizer)
-            optimizer.step()
-            optimizer.zero_grad()
-    recorder.close()
-    return str(path)
+    return record_small_run(path, epochs=1, **options)
 
 
 def dataset_compression(path: str) -> set:
