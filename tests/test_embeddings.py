@@ -558,7 +558,8 @@ def test_bad_arguments(projected_run, tmp_path):
 def test_stale_default_embeddings_of_an_earlier_run_are_rebuilt(projected_run, exact_run, tmp_path):
     """A store recorded again at the same path (overwrite=True) leaves the earlier run's embeddings at the default
     path: reading with the default rebuilds them for this run (with a warning) instead of refusing, and the values
-    equal those from embeddings built explicitly for this run; an explicitly passed file of another run stays refused."""
+    equal those from embeddings built explicitly for this run (a file of another run passed explicitly stays refused:
+    test_embeddings_of_another_run_or_schema_are_refused)."""
     store = tmp_path / "run.h5"
     shutil.copy(projected_run.path, store)
     with inrun.open_run(store) as run:

@@ -176,8 +176,9 @@ def tracin_cp(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any, trai
     weight per layer block is the sum of the step sizes of those steps over the number of training samples.
     ``step_size="update"`` (default) takes the recorded update scales (for Adam the per-tensor step size the update
     took, as the block values do; for SGD the learning rate); ``step_size="lr"`` takes the optimizer's learning rate,
-    as TracInCP is defined (Pruthi et al. 2020) and as dattri's TracIn weights checkpoints. With SGD both are equal. The training samples' gradients are recomputed at every checkpoint from ``train_data`` (batches carrying
-    their dataset indices). ``[n_ids, n_test]`` in ``run.sample_ids`` order (NaN for samples not in ``train_data``).
+    as TracInCP is defined (Pruthi et al. 2020) and as dattri's TracIn weights checkpoints. With SGD both are equal.
+    The training samples' gradients are recomputed at every checkpoint from ``train_data`` (batches carrying their
+    dataset indices). ``[n_ids, n_test]`` in ``run.sample_ids`` order (NaN for samples not in ``train_data``).
     ``model`` is restored to its own parameters afterwards.
     """
     from pathlib import Path
