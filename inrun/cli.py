@@ -94,6 +94,9 @@ def posthoc_lines(run: Run, top: int) -> list[str]:
     from inrun.posthoc.values import PosthocValues
 
     result = PosthocValues.load(path)
+    if result.run_id != run.run_id:  # e.g. the store was recorded again at this path: those values are not this run's
+        return [f"post-hoc       {path.name} not shown: it holds values of run {result.run_id or '(not recorded)'}, "
+                f"not of this run ({run.run_id}); compute them again (run.posthoc_values) and save them"]
     kinds, counts = np.unique([note.split(" (")[0] for note in result.approximation], return_counts=True)
     lines = [f"post-hoc       {result.first.shape[1]} test points from {path.name}; test gradients at: "
              + ", ".join(f"{kind} ({count} steps)" for kind, count in zip(kinds, counts))]

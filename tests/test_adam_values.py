@@ -329,3 +329,24 @@ def test_tracin_cp_against_per_sample_gradients_at_each_checkpoint(tmp_path):
     expected = tracin_cp_reference(  # a parameter without a block is not valued: weight 0
         checkpoints, train, val, lambda start, end, name: scales[start:end, column[name]] if name in column else 0.0)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_report_does_not_show_post_hoc_values_of_an_earlier_run(tmp_path):
+    """Post-hoc values saved next to a store belong to that run: after the store is recorded again at the same path
+    (overwrite=True, a new run id), ``inrun report`` says so instead of showing the earlier run's values as this
+    run's; for the run they were computed for, it shows them."""
+    from inrun.cli import posthoc_lines, posthoc_path
+    from inrun.posthoc.values import PosthocValues
+
+    path = tmp_path / "run.h5"
+    model, _, val = record_with_checkpoints(path, checkpoint_every=1)
+    with inrun.open_run(path) as run:
+        run.posthoc_values(model, loss_fn, val).save(posthoc_path(run))
+        first_id = run.run_id
+        assert any("post-hoc top" in line for line in posthoc_lines(run, top=2))
+    assert PosthocValues.load(posthoc_path(run)).run_id == first_id
+    record_with_checkpoints(path, checkpoint_every=1)  # the same path, recorded again
+    with inrun.open_run(path) as run:
+        assert run.run_id != first_id
+        lines = posthoc_lines(run, top=2)
+    assert len(lines) == 1 and "not shown" in lines[0] and first_id in lines[0], lines

@@ -52,6 +52,8 @@ class PosthocValues:
     step_second: np.ndarray
     approximation: list[str] = field(default_factory=list)  # per step, first order
     approximation_second: list[str] = field(default_factory=list)  # per step, second order
+    #: the run the values were computed for (None in files saved before run ids were stored)
+    run_id: str | None = None
 
     @property
     def second_order_fallbacks(self) -> int:
@@ -76,6 +78,8 @@ class PosthocValues:
         """Write to HDF5 (``inrun report`` shows a run's ``<run>.posthoc.h5`` next to its in-run values)."""
         path = Path(path)
         with h5py.File(path, "w") as f:
+            if self.run_id is not None:
+                f.attrs["run_id"] = self.run_id
             for name in ("sample_ids", "first", "second", "steps", "step_first", "step_second"):
                 f.create_dataset(name, data=getattr(self, name))
             f.create_dataset("approximation", data=np.array(self.approximation, dtype=object),
@@ -91,7 +95,8 @@ class PosthocValues:
                                                      "step_second")}
             notes = [s.decode() if isinstance(s, bytes) else str(s) for s in f["approximation"][()]]
             notes2 = [s.decode() if isinstance(s, bytes) else str(s) for s in f["approximation_second"][()]]
-        return cls(**arrays, approximation=notes, approximation_second=notes2)
+            run_id = str(f.attrs["run_id"]) if "run_id" in f.attrs else None
+        return cls(**arrays, approximation=notes, approximation_second=notes2, run_id=run_id)
 
 
 def _load_state(path: Path, run: Run) -> dict[str, Tensor]:
@@ -245,7 +250,7 @@ def posthoc_values(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any,
         sample_ids=ids, first=first, second=second, steps=np.asarray(step_numbers, dtype=np.int64),
         step_first=np.asarray(step_first) if step_first else empty,
         step_second=np.asarray(step_second) if step_second else empty,
-        approximation=notes, approximation_second=notes2,
+        approximation=notes, approximation_second=notes2, run_id=run.run_id,
     )
     note = result.fallback_note()
     if note is not None:
