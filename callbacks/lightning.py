@@ -52,9 +52,10 @@ class InRunCallback(L.Callback):
         update_rule: the rule to value the optimizer's steps with (``"sgd"``, ``"adam"``, ``"adamw"``,
             ``"rmsprop"``, ``"adagrad"``); None reads it from the optimizer, and an optimizer inrun does not know is
             an error before training (name its rule here if it updates exactly like one of these).
-        adam_values: how Adam-family steps are split into per-sample updates (docs/adam-values.md): ``"block"``
-            (default: one step size per parameter tensor, best ranking, SGD cost) or ``"fixed-state"`` (the exact
-            elementwise fixed-state rule); the store's config records it.
+        adam_values: how Adam-family steps are split into per-sample updates (docs/adam-values.md): ``"fixed-state"``
+            (default: the exact elementwise fixed-state rule) or ``"block"`` (one step size per parameter tensor:
+            ranks data better by retraining, at SGD cost, but not the fixed-state values); the store's config
+            records it.
         check / check_every: the self-checks (gradient completeness, sample independence, a per-sample spot check)
             run at the first optimizer step and, with ``check_every=k``, every k steps; ``check=False`` turns them off
             (unsafe: a model pattern inrun cannot attribute exactly then gives wrong values without an error).

@@ -238,6 +238,8 @@ def test_first_adam_step_fixed_state_is_dominated_by_cancelling_coordinates():
 def test_default_and_bad_names():
     assert DEFAULT_ADAM_VALUES in ADAM_VALUES and "fixed-state" in ADAM_VALUES
     train, val = make_data()
+    # CONTRACT.md: Adam/AdamW are valued by the fixed-state rule unless another variant is asked for by name
+    assert InRunRecorder(make_model(), "unused.h5", val_data=val, loss_fn=loss_fn).adam_values == "fixed-state"
     with pytest.raises(ValueError, match="adam_values"):
         InRunRecorder(make_model(), "unused.h5", val_data=val, loss_fn=loss_fn, adam_values="exact")
 
@@ -266,8 +268,8 @@ def in_run_matrix(run, order):
 
 def test_posthoc_reproduces_block_values_of_an_adamw_run(tmp_path):
     """With whole projections and every-step checkpoints, post-hoc first-order values of an AdamW run equal the
-    in-run values recorded with the default ``"block"`` variant (the same per-tensor scale)."""
-    model, _, val = record_with_checkpoints(tmp_path / "run.h5", checkpoint_every=1)
+    in-run values recorded with the ``"block"`` variant (the same per-tensor scale)."""
+    model, _, val = record_with_checkpoints(tmp_path / "run.h5", checkpoint_every=1, adam_values="block")
     with inrun.open_run(tmp_path / "run.h5") as run:
         result = run.posthoc_values(model, loss_fn, val)
         expected = in_run_matrix(run, 1)

@@ -10,7 +10,8 @@ contributions ``P c_i(t)`` and the model checkpoints give the same quantities ap
   choice.
 
 ``scale_t`` is each layer block's recorded update scale (SGD: the learning rate, exact; Adam: the step size along the
-gradient taken, ``sum(D G^2) / sum(G^2)``, which is exactly the in-run ``adam_values="block"`` scale). Test gradients are projected once per checkpoint; the stored steps are streamed.
+gradient taken, ``sum(D G^2) / sum(G^2)``, which is exactly the in-run ``adam_values="block"`` scale, not the default
+elementwise fixed-state one). Test gradients are projected once per checkpoint; the stored steps are streamed.
 """
 
 from __future__ import annotations
@@ -207,8 +208,9 @@ def posthoc_values(run: Run, model: nn.Module, loss_fn: LossFn, test_batch: Any,
 
     Exact (equal to the in-run values for the same points, to float precision) only for SGD-family rules with
     checkpoints at every step and projections that keep every layer whole. Adam runs use one update scale per layer
-    block (the ``"block"`` Adam values, the in-run default, which they then reproduce); against in-run values
-    recorded with ``adam_values="fixed-state"`` they differ (docs/adam-values.md).
+    block (the ``"block"`` Adam values, which they then reproduce when the run recorded with
+    ``adam_values="block"``); against in-run values recorded with the default ``adam_values="fixed-state"`` they
+    differ (docs/adam-values.md).
     """
     if "proj_grad" not in run.record_columns:
         raise EmbeddingsError(
