@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=None, help="override the config's model width")
     parser.add_argument("--layers", type=int, default=None, help="override the config's number of blocks")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here (rank 0)")
+    parser.add_argument("--adam-values", default=None,
+                        help="how AdamW steps are valued (inrun's adam_values; default: the library's default)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="cProfile rank 0's timed steps of the inrun variants and print this many functions")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     _single_process_env()
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.textdata import build_corpus, collate_samples
     from experiments.tinygpt import TinyGPT, TinyGPTConfig, per_sample_lm_loss
     from inrun.callbacks.deepspeed import DeepSpeedInRun
+    from inrun.valuation.update_rules import DEFAULT_ADAM_VALUES
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo", verbose=False)
@@ -107,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         sampler = DistributedSampler(corpus.train, num_replicas=world, rank=rank, shuffle=True, seed=0)
         loader = DataLoader(corpus.train, batch_size=config["train_micro_batch_size_per_gpu"], sampler=sampler,
                             collate_fn=collate_samples, drop_last=True)
-        inrun_ds = None
+        inrun_ds, profiler = None, None
         if shapley is not None:
             inrun_ds = DeepSpeedInRun(engine, folder / f"zero{stage}-{variant.replace(' ', '-')}.h5",
                                       val_data=val_batch, loss_fn=per_sample_loss, shapley=shapley, overwrite=True,
-                                      split_validation="unsplit" not in variant)
+                                      split_validation="unsplit" not in variant,
+                                      **({"adam_values": args.adam_values} if args.adam_values else {}))
         taken, started, epoch = 0, None, 0
         total = args.warmup + args.steps
         while taken < total:
@@ -133,12 +139,23 @@ def main(argv: list[str] | None = None) -> int:
                     if taken == args.warmup:
                         dist.barrier()
                         started, cpu_started = time.perf_counter(), time.process_time()
+                        if args.profile and rank == 0 and inrun_ds is not None:
+                            import cProfile
+
+                            profiler = cProfile.Profile()
+                            profiler.enable()
                     if taken == total:
                         break
             epoch += 1
         if args.device == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
+        if profiler is not None:
+            import pstats
+
+            profiler.disable()
+            print(f"[bench] profile of ZeRO {stage} {variant}, rank 0, {args.steps} steps:")
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
         per_step = (time.perf_counter() - started) / args.steps
         cpu_per_step = (time.process_time() - cpu_started) / args.steps
         closing = 0.0
@@ -182,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{torch.get_num_threads()} threads each")
         print(f"DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, {world} processes on {where}, "
               f"{args.dtype}, TinyGPT {model_cfg}, seq {data_cfg['seq_len']}, {n_val} validation windows "
-              f"(global batch {global_batch}), {args.steps} timed steps x {args.repeats} repeats (median)")
+              f"(global batch {global_batch}), {args.steps} timed steps x {args.repeats} repeats (median), "
+              f"adam_values={args.adam_values or DEFAULT_ADAM_VALUES}")
         print(render_table(["stage", "micro-batch", "accumulation", "variant", "wall ms / step", "vs plain",
                             "CPU ms / step (rank 0)", "vs plain", "close (s)"], rows))
         if args.json:
