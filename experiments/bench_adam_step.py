@@ -31,6 +31,8 @@ CONFIGS = {
     "plain": None,
     "first [block]": dict(shapley="first", adam_values="block"),
     "first [fixed-state]": dict(shapley="first", adam_values="fixed-state"),
+    "first [fixed-state], no norms": dict(shapley="first", adam_values="fixed-state", record_norms=False),
+    "first [block], no norms": dict(shapley="first", adam_values="block", record_norms=False),
     "second [block]": dict(shapley="second", adam_values="block"),
     "second [fixed-state]": dict(shapley="second", adam_values="fixed-state"),
     "first, per val point [block]": dict(shapley="first", adam_values="block", per_val_point=True),

@@ -160,6 +160,7 @@ class ReplayStep:
     val_loss: float  # L_V(theta_t)
     val_loss_base: float  # L_V(theta_t + Delta_0)
     val_loss_after: float  # L_V(theta_{t+1})
+    direction_norm_sq: float = float("nan")  # |D * g_V|^2
     contributions: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # c_i, [n, *shape]
     params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # theta_t
     scale: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # D
@@ -255,6 +256,8 @@ def replay(
             val_loss=val_loss_at(model, theta, val),
             val_loss_base=val_loss_at(model, theta_base, val),
             val_loss_after=val_loss_at(model, theta_next, val),
+            direction_norm_sq=float(sum(float((scale[k].double() * g_val[k].double().mean(0)).square().sum())
+                                        for k in named)),
             contributions=c, params=theta, scale=scale,
         ))
     return out
@@ -272,6 +275,8 @@ def assert_values_match(steps_table, records, reference: list[ReplayStep], order
             np.testing.assert_allclose(got[f"value_{order}"], expected, rtol=0, atol=rtol * scale,
                                        err_msg=f"value_{order} at step {t}")
         np.testing.assert_allclose(got["grad_norm_sq"], ref.grad_norm_sq, rtol=1e-7, err_msg=f"|c_i|^2, step {t}")
+        np.testing.assert_allclose(steps_table["direction_norm_sq"][t], ref.direction_norm_sq, rtol=1e-5,
+                                   err_msg=f"|D g_V|^2, step {t}")
 
 
 SGD_LR = 0.3
