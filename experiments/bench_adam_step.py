@@ -3,7 +3,8 @@
 On a shared machine the load changes over minutes, which skews configurations timed one after the other (as
 ``bench_inrun`` does). Here every configuration has its own model (same initial parameters), optimizer and recorder,
 and the rounds interleave them: each round times ``--steps-per-round`` steps of every configuration in turn; the
-table shows the median over rounds of the CPU time per step (one torch thread) and its ratio to plain training.
+table shows the median over rounds of the CPU time per step (one torch thread; wall time with ``--threads 2`` or more,
+where CPU time would count spinning threads) and its ratio to plain training.
 GPT-2-shaped model as in ``bench_inrun`` (2 blocks of d 768, vocab 8192, batch 16 x 128, validation batch 2);
 ``--small`` is the small model of issue 12 (d 128, 3 blocks, context 64, vocab 256, batch 16, validation batch 2).
 The first step of every configuration (store creation, the first-step self-checks) is timed apart and shown once:
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true",
                         help="issue 12's small model: d 128, 3 blocks, context 64, vocab 256, batch 16")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU time then counts every thread)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
     if args.small:
         args.d_model, args.layers, args.seq_len, args.vocab, args.batch = 128, 3, 64, 256, 16
     shape = GPTShape(vocab=args.vocab, n_layer=args.layers, d_model=args.d_model, d_mlp=4 * args.d_model,
@@ -91,15 +94,15 @@ def main(argv: list[str] | None = None) -> dict:
 
         first: dict[str, float] = {}
         for name in configs:  # the first step (store creation, first-step self-checks), timed apart
-            start = time.process_time()
+            start = clock()
             step(name)
-            first[name] = time.process_time() - start
+            first[name] = clock() - start
         for _ in range(args.rounds):
             for name in configs:
-                start = time.process_time()
+                start = clock()
                 for _ in range(args.steps_per_round):
                     step(name)
-                times[name].append((time.process_time() - start) / args.steps_per_round)
+                times[name].append((clock() - start) / args.steps_per_round)
         for model, optimizer, recorder, _ in states.values():
             if recorder is not None:
                 recorder.close()
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [[name, f"{statistics.median(v):.3f}", f"{statistics.median(v) / base:.2f}x",
              " ".join(f"{x / t:.2f}" for x, t in zip(v, times["plain"])), f"{first[name]:.3f}"]
             for name, v in times.items()]
-    print(render_table(["configuration", "CPU s / step (median)", "ratio", "ratio per round", "first step CPU s"],
+    unit = "CPU" if args.threads == 1 else "wall"
+    print(render_table(["configuration", f"{unit} s / step (median)", "ratio", "ratio per round", f"first step {unit} s"],
                        rows))
     return {name: statistics.median(v) for name, v in times.items()}
 
