@@ -170,7 +170,7 @@ class DeepSpeedInRun:
         index_fn: Callable[[Any], Tensor] | None = None,
         source_key: str = "source",
         source_names: list[str] | None = None,
-        record_norms: bool = True,
+        record_norms: bool = False,
         allow_unsupported: bool = False,
         overwrite: bool = False,
         flush_every: int = 100,

@@ -42,6 +42,8 @@ class InRunCallback(L.Callback):
             ``dtype``, ``every``, ``parameters``).
         loss_fn: ``loss_fn(module, batch) -> Tensor[n]``; default: the module's ``per_sample_loss(batch)``.
         per_val_point: also record the ``[batch, n_val]`` matrix of values per validation point.
+        record_norms: also record each sample's squared gradient norm (``grad_norm_sq``, for
+            ``normalize="grad_norm"``); off by default, as it costs 5-20% of a training step.
         index_key / index_fn: where a batch keeps its samples' dataset indices.
         source_key / source_names: optional per-sample source (domain) labels and their names.
         overwrite: replace an existing store; otherwise an existing store is an error unless resuming.
@@ -83,7 +85,7 @@ class InRunCallback(L.Callback):
         index_fn: Callable[[Any], Tensor] | None = None,
         source_key: str = "source",
         source_names: list[str] | None = None,
-        record_norms: bool = True,
+        record_norms: bool = False,
         allow_unsupported: bool = False,
         overwrite: bool = False,
         flush_every: int = 100,

@@ -79,7 +79,8 @@ def fit(path, per_rank: bool, max_steps: int = N_STEPS, ckpt_path=None, overwrit
 
     from inrun.callbacks import InRunCallback
 
-    callback = InRunCallback(path, val_data=VAL, shapley="second", per_val_point=True, overwrite=overwrite)
+    callback = InRunCallback(path, val_data=VAL, shapley="second", per_val_point=True, overwrite=overwrite,
+                             record_norms=True)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, max_steps=max_steps, callbacks=[callback], **trainer_kwargs)
     trainer.fit(lightning_module()(per_rank=per_rank), ckpt_path=ckpt_path)

@@ -116,7 +116,7 @@ def run_deepspeed(name, stage, head, penalty, check, out: Path, rank: int, world
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
                                            config=config)
     inrun_ds = DeepSpeedInRun(engine, out / name / "run.h5", val_data=VAL, loss_fn=loss_fn, shapley="second",
-                              overwrite=True, check=check)
+                              overwrite=True, check=check, record_norms=True)
     try:
         for t in range(STEPS):
             batch = rank_batch(t, rank, world)
@@ -158,7 +158,8 @@ def run_ddp(name, head, penalty, check, out: Path, rank: int, world: int) -> dic
         def train_dataloader(self):
             return DataLoader([rank_batch(t, rank, world) for t in range(STEPS)], batch_size=None)
 
-    callback = InRunCallback(out / name / "run.h5", val_data=VAL, shapley="second", overwrite=True, check=check)
+    callback = InRunCallback(out / name / "run.h5", val_data=VAL, shapley="second", overwrite=True, check=check,
+                             record_norms=True)
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, max_steps=STEPS,
                         use_distributed_sampler=False, callbacks=[callback])

@@ -181,7 +181,7 @@ def reference_store(case: Case, world: int, path: Path) -> Path:
     model = make_model()
     optimizer = make_optimizer(case.optimizer, model.parameters())
     recorder = InRunRecorder(model, path, val_data=VAL, loss_fn=loss_fn, shapley="second", overwrite=True,
-                             **(EXTRAS if case.extras else {}))
+                             record_norms=True, **(EXTRAS if case.extras else {}))
     if case.clip:
         recorder.clip_norm = case.clip
     recorder.start()
@@ -224,7 +224,7 @@ def run_case(case: Case, out: Path, rank: int, world: int, *, die_at: int | None
     engine = _engine(case)
     path = out / case.name / "run.h5"
     options = dict(val_data=VAL, loss_fn=loss_fn, shapley="second", overwrite=True, flush_every=flush_every,
-                   **(EXTRAS if case.extras else {}))
+                   record_norms=True, **(EXTRAS if case.extras else {}))
     inrun_ds = DeepSpeedInRun(engine, path, **options)
     with inrun_ds:
         for t, micro in enumerate(plan(case, world)):
@@ -296,7 +296,7 @@ def run_lightning_case(case: Case, out: Path, rank: int, world: int) -> None:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config(case))
     trainer = Trainer(engine)
     callback = InRunCallback(out / case.name / "run.h5", val_data=VAL, shapley="second",
-                             loss_fn=lambda m, batch: loss_fn(m.net, batch), overwrite=True)
+                             loss_fn=lambda m, batch: loss_fn(m.net, batch), overwrite=True, record_norms=True)
     callback.on_fit_start(trainer, module)
     callback.on_train_start(trainer, module)
     batch_idx = 0

@@ -409,7 +409,8 @@ def train(path, steps, ckpt=None, resume=False, pause=0.0, kill_before_close=Fal
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y, val = data()
-    recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, flush_every=2, checkpoint_every=4)
+    recorder = InRunRecorder(model, path, val_data=val, loss_fn=loss_fn, flush_every=2, checkpoint_every=4,
+                             record_norms=True)
     start = 0
     if resume:
         state = torch.load(ckpt, weights_only=False)

@@ -127,7 +127,7 @@ def _recorded_run(out: Path, tag: str, optimizer: str, rank: int, world: int, *,
 
     recorder = InRunRecorder(model, out / f"{tag}.h5", val_data=val, loss_fn=counting_loss, shapley="second",
                              per_val_point=per_val_point, rank=rank, world_size=world, gradient_divisor=float(world),
-                             overwrite=True)
+                             overwrite=True, record_norms=True)
     rows: list = []
     recorder.listeners.append(lambda row, records: rows.append(
         ({k: float(v) for k, v in row.items() if np.ndim(v) == 0},

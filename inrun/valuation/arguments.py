@@ -199,7 +199,7 @@ def check_recorder_arguments(
     index_fn: Any = None,
     source_key: Any = "source",
     source_names: Any = None,
-    record_norms: Any = True,
+    record_norms: Any = False,
     allow_unsupported: Any = False,
     overwrite: Any = False,
     flush_every: Any = 100,
