@@ -103,10 +103,12 @@ def _stacked_directions(terms: dict[str, UpdateTerms], parts: list[tuple[dict[st
 
 
 def _squared_norm(tensors: list[Tensor]) -> float:
-    """``sum |x|^2`` over ``tensors``, each tensor's sum in its own dtype (torch's CPU sums are cascaded: ~1e-8
-    relative in float32 at 6M entries) and the totals in float64. A float64 copy of every direction, as before, cost
-    6x more (~0.2 s per GPT-2-shaped step of 3 s) for no digit this diagnostic column needs."""
-    return sum(float(tensor.square().sum()) for tensor in tensors)
+    """``sum |x|^2`` over ``tensors``, each tensor's sum in float32 or float64 (torch's CPU sums are cascaded: ~1e-8
+    relative in float32 at 6M entries; half-precision tensors are summed in float32) and the totals in float64. A
+    float64 copy of every direction, as before, cost 6x more (~0.2 s per GPT-2-shaped step of 3 s) for no digit this
+    diagnostic column needs."""
+    wide = (torch.float32, torch.float64)
+    return sum(float((t if t.dtype in wide else t.float()).square().sum()) for t in tensors)
 
 
 def _ghost_values(microbatches: list[MicroBatch], terms: dict[str, UpdateTerms], val_parts: list) -> np.ndarray:
