@@ -142,8 +142,8 @@ def _direction_norm_sq(terms: dict[str, UpdateTerms], val_parts: list, n_val: in
             continue
         uses = [part.factors[name] for part in val_parts if name in part.factors]
         if _summing_pays([f for part_uses in uses for f in part_uses]):
-            summed = sum(f.sum_over_samples().reshape(-1).double() for part_uses in uses for f in part_uses)
-            squared = float((summed**2).sum())  # type: ignore[union-attr]
+            summed = sum(f.sum_over_samples().reshape(-1) for part_uses in uses for f in part_uses)
+            squared = _squared_norm([summed])  # type: ignore[list-item]
         else:
             squared = sum(float(parameter_dots(a, b)[0].double().sum()) for a in uses for b in uses)
         total += float(terms[name].scale) ** 2 * squared
